@@ -96,25 +96,40 @@ def ini_escape(value: str) -> str:
     return value.replace("%", "%%")
 
 
+FOREIGN_ASYNC_CONNECTION = (
+    "the AsyncConnection handed in belongs to an event loop this migration cannot run on:"
+    " call `await upgrade_async(connection=...)`, or hand in the Connection that"
+    " `await connection.run_sync(...)` passes to its function"
+)
+
+
 def run_coroutine(coroutine: Coroutine[Any, Any, None], connectable: object = None) -> None:
     """asyncio.run(), also when called from inside a running event loop.
 
     A loop cannot be nested, so there the coroutine runs on a worker thread with
-    a loop of its own.
+    a loop of its own. An AsyncConnection cannot follow it there: it belongs to
+    the loop that opened it.
     """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        asyncio.run(coroutine)
-        return
-    if isinstance(connectable, AsyncConnection):
+        inside_loop = False
+    else:
+        inside_loop = True
+    handed_async_connection = isinstance(connectable, AsyncConnection)
+    if inside_loop and handed_async_connection:
         coroutine.close()
-        raise CommandError(
-            "an AsyncConnection cannot be used while its event loop waits for the migration:"
-            " use `await upgrade_async(connection=...)` or `await connection.run_sync(...)`"
-        )
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pool.submit(asyncio.run, coroutine).result()
+        raise CommandError(FOREIGN_ASYNC_CONNECTION)
+    try:
+        if inside_loop:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pool.submit(asyncio.run, coroutine).result()
+        else:
+            asyncio.run(coroutine)
+    except RuntimeError as exc:
+        if handed_async_connection and "different loop" in str(exc):
+            raise CommandError(FOREIGN_ASYNC_CONNECTION) from None
+        raise
 
 
 @asynccontextmanager

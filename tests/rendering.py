@@ -1,0 +1,122 @@
+"""Rendering the template and running Alembic in the rendered project."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from alembic.config import Config
+from cookiecutter.main import cookiecutter
+
+TEMPLATE = Path(__file__).resolve().parent.parent
+
+THING_MODEL = """
+from sqlalchemy import String
+from sqlalchemy.orm import Mapped, mapped_column
+
+
+class Thing(Base):
+    __tablename__ = "thing"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+"""
+
+THING_REVISION = '''"""add thing
+
+Revision ID: 0001
+Revises:
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "thing",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("name", sa.String(length=100), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_thing")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("thing")
+'''
+
+
+def render(output_dir: Path, template: Path = TEMPLATE, **answers: str) -> Path:
+    """Render the template with `answers` (defaults for the rest); the project's path."""
+    return Path(cookiecutter(str(template), no_input=True, extra_context=answers, output_dir=str(output_dir)))
+
+
+@dataclass
+class Project:
+    """A rendered project, and Alembic run in it: in-process, or as the real CLI."""
+
+    path: Path
+    package: str
+    env_prefix: str = ""
+
+    def var(self, name: str) -> str:
+        """The env var for a settings field, e.g. var("URL") -> APP_DATABASE_URL."""
+        return f"{self.env_prefix}DATABASE_{name}"
+
+    def config(self) -> Config:
+        config = Config(str(self.path / "alembic.ini"))
+        # pytest owns logging in-process; the CLI runs below exercise fileConfig.
+        config.attributes["configure_logger"] = False
+        return config
+
+    @contextlib.contextmanager
+    def activated(self) -> Iterator[None]:
+        """Run in the project directory; forget its modules afterwards.
+
+        env.py imports the rendered package; several renders share module
+        names, so each use starts from a clean sys.modules and sys.path.
+        """
+        saved_path, saved_cwd = list(sys.path), os.getcwd()
+        os.chdir(self.path)
+        sys.path.insert(0, str(self.path))
+        try:
+            yield
+        finally:
+            os.chdir(saved_cwd)
+            sys.path[:] = saved_path
+            for name in [n for n in sys.modules if n == self.package or n.startswith(self.package + ".")]:
+                del sys.modules[name]
+
+    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        """`alembic ARGS` in a subprocess, in the project directory, with `env` added."""
+        environment = {k: v for k, v in os.environ.items() if "DATABASE_" not in k}
+        environment.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "alembic", *args],
+            cwd=self.path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def add_model(self, source: str) -> None:
+        """Append model code (with its own imports) to the rendered models.py."""
+        models = self.path / self.package / "models.py"
+        models.write_text(models.read_text() + "\n\n" + source.strip() + "\n")
+
+    def add_thing(self, *, revision: bool = True) -> None:
+        """The Thing model, and (unless revision=False) the revision that creates it."""
+        self.add_model(THING_MODEL)
+        if revision:
+            (self.path / "migrations" / "versions" / "0001_add_thing.py").write_text(THING_REVISION)

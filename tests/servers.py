@@ -1,0 +1,226 @@
+"""Real database servers for the tests: throwaway ones, or external ones by URL.
+
+PostgreSQL: a cluster with scram-sha-256 password authentication, started from
+the installed server binaries on a free loopback port (as the `postgres` user
+when the tests run as root), unless TEST_DATABASE_URL names a server.
+MariaDB/MySQL: a throwaway mariadbd, unless TEST_MYSQL_URL names a server.
+Each test then gets a database (and a role) of its own on the shared server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import os
+import secrets
+import shutil
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+ADMIN_PASSWORD = "admin-" + secrets.token_hex(8)
+ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "mysql": "mysql+asyncmy"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running server and the admin URL to it (sync scheme, async driver)."""
+
+    backend: str
+    admin_url: URL
+
+    def execute(self, *statements: str, database: str | None = None) -> list[tuple]:
+        """Run statements as the admin, in autocommit; return the last one's rows."""
+        url = self.admin_url.set(drivername=ASYNC_DRIVERS[self.backend])
+        if database is not None:
+            url = url.set(database=database)
+
+        async def run() -> list[tuple]:
+            engine = create_async_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+            try:
+                async with engine.connect() as connection:
+                    rows: list[tuple] = []
+                    for statement in statements:
+                        result = await connection.execute(text(statement))
+                        rows = [tuple(row) for row in result] if result.returns_rows else []
+                    return rows
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(run())
+
+    def create_database(self, user: str | None = None, password: str | None = None) -> URL:
+        """A new database, owned by a new role with `password` when given; its URL."""
+        name = "t_" + secrets.token_hex(6)
+        user = user or "u_" + secrets.token_hex(6)
+        password = password if password is not None else secrets.token_urlsafe(12)
+        if self.backend == "postgresql":
+            self.execute(
+                f'CREATE ROLE "{user}" LOGIN PASSWORD {pg_literal(password)}',
+                f'CREATE DATABASE "{name}" OWNER "{user}"',
+            )
+        else:
+            self.execute(
+                f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4",
+                f"CREATE USER '{user}'@'%' IDENTIFIED BY {mysql_literal(password)}",
+                f"GRANT ALL ON `{name}`.* TO '{user}'@'%'",
+            )
+        return self.admin_url.set(username=user, password=password, database=name)
+
+    def tables(self, url: URL) -> set[str]:
+        """The tables in the database of `url`, as the admin sees them."""
+        schema = "public" if self.backend == "postgresql" else url.database
+        rows = self.execute(
+            f"SELECT table_name FROM information_schema.tables WHERE table_schema = '{schema}'",
+            database=url.database,
+        )
+        return {row[0] for row in rows}
+
+
+@dataclass
+class SQLiteFiles:
+    """SQLite's stand-in for a server: each database is a file in `directory`."""
+
+    directory: Path
+    backend: str = "sqlite"
+
+    def create_database(self, user: str | None = None, password: str | None = None) -> URL:
+        return URL.create("sqlite", database=str(self.directory / f"t_{secrets.token_hex(6)}.db"))
+
+    def tables(self, url: URL) -> set[str]:
+        if not Path(url.database).exists():
+            return set()
+        with contextlib.closing(sqlite3.connect(url.database)) as connection:
+            rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        return {row[0] for row in rows}
+
+
+def pg_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def mysql_literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _as_service_user(user: str) -> list[str]:
+    """Servers refuse to run as root: run their commands as their own user."""
+    return ["runuser", "-u", user, "--"] if os.geteuid() == 0 else []
+
+
+def _wait_for_port(port: int, deadline: float, log: Path) -> None:
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} did not start:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+def postgres_bindir() -> Path:
+    for candidate in (shutil.which("initdb"), *sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[::-1]):
+        if candidate:
+            return Path(candidate).resolve().parent
+    raise RuntimeError("no PostgreSQL server binaries (initdb); install them or set TEST_DATABASE_URL")
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[Server]:
+    """A throwaway PostgreSQL cluster with password (scram-sha-256) authentication."""
+    bindir = postgres_bindir()
+    run_as = _as_service_user("postgres")
+    root = Path(tempfile.mkdtemp(prefix="pg-"))
+    data, pwfile, log = root / "data", root / "pwfile", root / "log"
+    pwfile.write_text(ADMIN_PASSWORD)
+    if run_as:
+        shutil.chown(root, "postgres")
+        shutil.chown(pwfile, "postgres")
+    port = free_port()
+    try:
+        subprocess.run(
+            [*run_as, bindir / "initdb", "-D", data, "-U", "postgres", "--auth=scram-sha-256",
+             f"--pwfile={pwfile}", "--no-sync", "-E", "UTF8", "--locale=C"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        subprocess.run(
+            [*run_as, bindir / "pg_ctl", "-D", data, "-l", log, "-o", options, "-w", "start"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        yield Server(
+            "postgresql",
+            URL.create("postgresql", "postgres", ADMIN_PASSWORD, "127.0.0.1", port, "postgres"),
+        )
+    finally:
+        subprocess.run([*run_as, bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mariadb_server() -> Iterator[Server]:
+    """A throwaway MariaDB server with a root password, on a free loopback port."""
+    mariadbd = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/local/sbin")
+    install_db = shutil.which("mariadb-install-db")
+    client = shutil.which("mariadb")
+    if not (mariadbd and install_db and client):
+        raise RuntimeError("no MariaDB server binaries (mariadbd); install them or set TEST_MYSQL_URL")
+    run_as = _as_service_user("mysql")
+    root = Path(tempfile.mkdtemp(prefix="mariadb-"))
+    data, log, sock = root / "data", root / "log", root / "mysqld.sock"
+    if run_as:
+        shutil.chown(root, "mysql")
+    port = free_port()
+    process = None
+    try:
+        subprocess.run(
+            [*run_as, install_db, f"--datadir={data}", "--auth-root-authentication-method=normal",
+             "--skip-test-db", "--skip-name-resolve"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        with open(log, "wb") as log_file:
+            process = subprocess.Popen(
+                [*run_as, mariadbd, "--no-defaults", f"--datadir={data}", f"--port={port}",
+                 f"--socket={sock}", "--bind-address=127.0.0.1", "--skip-name-resolve",
+                 "--innodb-flush-log-at-trx-commit=0", "--skip-log-bin"],
+                stdout=log_file, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        _wait_for_port(port, time.monotonic() + 60, log)
+        # Only root@localhost exists, reachable through the socket: open it to TCP.
+        password = mysql_literal(ADMIN_PASSWORD)
+        setup = (
+            f"CREATE USER 'root'@'127.0.0.1' IDENTIFIED BY {password};"
+            "GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;"
+        )
+        subprocess.run(
+            [client, f"--socket={sock}", "-uroot", "-e", setup], check=True, capture_output=True
+        )
+        yield Server("mysql", URL.create("mysql", "root", ADMIN_PASSWORD, "127.0.0.1", port))
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def external_server(url: str) -> Iterator[Server]:
+    """A server given by URL (its user must be able to create databases and roles)."""
+    parsed = make_url(url)
+    backend = "mysql" if parsed.get_backend_name() in ("mysql", "mariadb") else "postgresql"
+    yield Server(backend, parsed.set(drivername=backend))

@@ -1,0 +1,207 @@
+"""The rendered environment against each real database engine.
+
+Alembic runs in-process through alembic.command where a subprocess adds
+nothing; the CLI runs check what a user sees on the terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import socket
+import subprocess
+import sys
+from urllib.parse import quote
+
+import pytest
+from alembic import command
+from alembic.util import CommandError
+from sqlalchemy.engine import make_url
+
+from conftest import make_project, url_string
+from rendering import Project
+from servers import SQLiteFiles
+
+# Every character that breaks a URL or ConfigParser interpolation, and non-ASCII.
+SPECIAL_PASSWORD = "p%40ss%@:/#?+ wörd%%"
+
+
+def test_upgrade_autogenerate_check_downgrade(backend, backend_project: Project, monkeypatch) -> None:
+    url = backend.create_database()
+    monkeypatch.setenv("DATABASE_URL", url_string(url))
+    backend_project.add_thing(revision=False)
+    with backend_project.activated():
+        config = backend_project.config()
+        command.revision(config, message="add thing", autogenerate=True)
+        command.upgrade(config, "head")
+        assert "thing" in backend.tables(url)
+        # The models and the migrated database agree: nothing left to generate.
+        command.check(config)
+        command.downgrade(config, "base")
+    assert "thing" not in backend.tables(url)
+
+
+def test_offline_sql_needs_no_database(backend, backend_project: Project) -> None:
+    backend_project.add_thing()
+    if isinstance(backend, SQLiteFiles):
+        url = f"sqlite:///{backend.directory}/never-created.db"
+    else:
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        url = url_string(backend.create_database().set(host="127.0.0.1", port=port))
+    result = backend_project.cli("upgrade", "head", "--sql", env={"DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert "CREATE TABLE thing" in result.stdout
+    assert "0001" in result.stdout
+    if isinstance(backend, SQLiteFiles):
+        assert not (backend.directory / "never-created.db").exists()
+
+
+@pytest.mark.parametrize("given_as", ["url-encoded", "raw-components"])
+def test_special_character_password(backend, backend_project: Project, monkeypatch, given_as: str) -> None:
+    if isinstance(backend, SQLiteFiles):
+        pytest.skip("SQLite has no password")
+    url = backend.create_database(password=SPECIAL_PASSWORD)
+    if given_as == "url-encoded":
+        encoded = quote(SPECIAL_PASSWORD, safe="")
+        monkeypatch.setenv("DATABASE_URL", f"{url.drivername}://{url.username}:{encoded}@{url.host}:{url.port}/{url.database}")
+    else:
+        for name, value in {"HOST": url.host, "PORT": url.port, "USER": url.username,
+                            "PASSWORD": SPECIAL_PASSWORD, "NAME": url.database}.items():  # fmt: skip
+            monkeypatch.setenv(f"DATABASE_{name}", str(value))
+    backend_project.add_thing()
+    with backend_project.activated():
+        config = backend_project.config()
+        command.upgrade(config, "head")
+        # set_main_option escaped the % signs: the URL comes back exactly.
+        assert make_url(config.get_main_option("sqlalchemy.url")).password == SPECIAL_PASSWORD
+    assert "thing" in backend.tables(url)
+
+
+SYNC_SCHEMES = {
+    "postgresql": ["postgres", "postgresql", "postgresql+psycopg2", "postgresql+psycopg"],
+    "mysql": ["mysql", "mariadb", "mysql+pymysql", "mysql+mysqldb"],
+    "sqlite": ["sqlite", "sqlite+pysqlite"],
+}
+
+
+def test_sync_urls_run_on_the_async_driver(backend, backend_project: Project) -> None:
+    url = backend.create_database()
+    backend_project.add_thing()
+    for scheme in SYNC_SCHEMES[backend.backend]:
+        given = url_string(url.set(drivername=scheme))
+        result = backend_project.cli("upgrade", "head", env={"DATABASE_URL": given})
+        assert result.returncode == 0, f"{scheme}: {result.stderr}"
+        assert backend_project.cli("downgrade", "base", env={"DATABASE_URL": given}).returncode == 0
+
+
+def test_wrong_password_is_one_line_without_the_password(backend, backend_project: Project) -> None:
+    if isinstance(backend, SQLiteFiles):
+        pytest.skip("SQLite has no password")
+    url = backend.create_database()
+    wrong = "Wr0ng-" + SPECIAL_PASSWORD
+    result = backend_project.cli("current", env={"DATABASE_URL": url_string(url.set(password=wrong))})
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    # Alembic prints a CommandError as one FAILED: line (and logs it once more).
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED:")]
+    assert len(failed) == 1, result.stdout + result.stderr
+    assert f"{url.host}:{url.port}" in failed[0] and "DATABASE_URL" in failed[0]
+    assert wrong not in result.stderr + result.stdout
+    assert quote(wrong, safe="") not in result.stderr + result.stdout
+
+
+def test_missing_settings_name_the_variables(tmp_path) -> None:
+    project = make_project(tmp_path, env_prefix="APP_")
+    result = project.cli("upgrade", "head")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "FAILED: database settings: set APP_DATABASE_URL, or APP_DATABASE_HOST" in result.stdout
+
+
+@pytest.mark.parametrize("handed_in", ["Connection", "AsyncConnection", "AsyncEngine"])
+def test_connection_handed_in(backend, backend_project: Project, handed_in: str) -> None:
+    """Tests and apps share a connection through config.attributes["connection"]."""
+    url = backend.create_database()
+    backend_project.add_thing()
+    with backend_project.activated():
+        database = importlib.import_module(f"{backend_project.package}.database")
+        settings = importlib.import_module(f"{backend_project.package}.settings")
+        engine = database.create_engine(settings.load_settings(url=url_string(url)))
+        config = backend_project.config()
+
+        def upgrade_on(connection) -> None:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+        async def run() -> None:
+            if handed_in == "AsyncEngine":
+                await asyncio.to_thread(upgrade_on, engine)
+                return
+            async with engine.begin() as connection:
+                if handed_in == "Connection":
+                    await connection.run_sync(upgrade_on)
+                else:
+                    await asyncio.to_thread(upgrade_on, connection)
+            await engine.dispose()
+
+        if handed_in == "AsyncConnection":
+            # An AsyncConnection belongs to the loop that made it: a migration
+            # that blocks that loop cannot use it, and says what to do instead.
+            with pytest.raises(CommandError, match=r"await upgrade_async\(connection=...\)"):
+                asyncio.run(run())
+            return
+        asyncio.run(run())
+    assert "thing" in backend.tables(url)
+
+
+def test_upgrade_from_inside_a_running_event_loop(backend, backend_project: Project, monkeypatch) -> None:
+    """An app's startup awaits the migrations: no `asyncio.run() cannot be called` error."""
+    url = backend.create_database()
+    monkeypatch.setenv("DATABASE_URL", url_string(url))
+    backend_project.add_thing()
+    with backend_project.activated():
+        migrate = importlib.import_module(f"{backend_project.package}.migrate")
+
+        async def startup() -> None:
+            await migrate.upgrade_async()
+            # A plain synchronous call from inside the loop works too.
+            migrate.upgrade("head")
+
+        asyncio.run(startup())
+    assert "thing" in backend.tables(url)
+
+
+def test_upgrade_async_on_a_connection_of_the_app(backend, backend_project: Project) -> None:
+    url = backend.create_database()
+    backend_project.add_thing()
+    with backend_project.activated():
+        database = importlib.import_module(f"{backend_project.package}.database")
+        settings = importlib.import_module(f"{backend_project.package}.settings")
+        migrate = importlib.import_module(f"{backend_project.package}.migrate")
+
+        async def startup() -> None:
+            engine = database.create_engine(settings.load_settings(url=url_string(url)))
+            async with engine.connect() as connection:
+                await migrate.upgrade_async(connection=connection)
+            await engine.dispose()
+
+        asyncio.run(startup())
+    assert "thing" in backend.tables(url)
+
+
+def test_cli_from_another_directory(backend, backend_project: Project, tmp_path) -> None:
+    """`alembic -c path/to/alembic.ini` finds the package wherever it is run from."""
+    url = backend.create_database()
+    backend_project.add_thing()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(backend_project.path / "alembic.ini"), "upgrade", "head"],
+        cwd=elsewhere, env={"PATH": "/usr/bin:/bin", "DATABASE_URL": url_string(url)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "thing" in backend.tables(url)
+    assert list(elsewhere.iterdir()) == []
