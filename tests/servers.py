@@ -201,10 +201,11 @@ def mariadb_server() -> Iterator[Server]:
                 stdout=log_file, stderr=subprocess.STDOUT,
             )  # fmt: skip
         _wait_for_port(port, time.monotonic() + 60, log)
-        # Only root@localhost exists, reachable through the socket: open it to TCP.
+        # Set up through the socket: a TCP root with a password, as on a real server.
         password = mysql_literal(ADMIN_PASSWORD)
         setup = (
-            f"CREATE USER 'root'@'127.0.0.1' IDENTIFIED BY {password};"
+            "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1';"
+            f"ALTER USER 'root'@'127.0.0.1' IDENTIFIED BY {password};"
             "GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;"
         )
         subprocess.run(

@@ -146,14 +146,30 @@ def test_connection_handed_in(backend, backend_project: Project, handed_in: str)
                     await asyncio.to_thread(upgrade_on, connection)
             await engine.dispose()
 
-        if handed_in == "AsyncConnection":
-            # An AsyncConnection belongs to the loop that made it: a migration
-            # that blocks that loop cannot use it, and says what to do instead.
-            with pytest.raises(CommandError, match=r"await upgrade_async\(connection=...\)"):
-                asyncio.run(run())
-            return
         asyncio.run(run())
     assert "thing" in backend.tables(url)
+
+
+def test_async_connection_of_the_waiting_loop_is_refused_clearly(backend, backend_project: Project) -> None:
+    """A loop blocked in command.upgrade() cannot also serve its own connection."""
+    url = backend.create_database()
+    backend_project.add_thing()
+    with backend_project.activated():
+        database = importlib.import_module(f"{backend_project.package}.database")
+        settings = importlib.import_module(f"{backend_project.package}.settings")
+        engine = database.create_engine(settings.load_settings(url=url_string(url)))
+        config = backend_project.config()
+
+        async def run() -> None:
+            async with engine.connect() as connection:
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+
+        if backend.backend == "sqlite":
+            asyncio.run(run())  # aiosqlite binds no loop: it simply works
+        else:
+            with pytest.raises(CommandError, match=r"await upgrade_async\(connection=...\)"):
+                asyncio.run(run())
 
 
 def test_upgrade_from_inside_a_running_event_loop(backend, backend_project: Project, monkeypatch) -> None:

@@ -61,11 +61,8 @@ def do_run_migrations(connection: Connection) -> None:
         raise migrate.migration_failed(exc, config) from exc
 
 
-async def run_async_migrations(connectable: AsyncConnection | AsyncEngine | None) -> None:
-    """Run on the AsyncConnection or AsyncEngine handed in, or on a new engine."""
-    if isinstance(connectable, AsyncConnection):
-        await connectable.run_sync(do_run_migrations)
-        return
+async def run_async_migrations(connectable: AsyncEngine | None) -> None:
+    """Run on the AsyncEngine handed in, or on a new one; dispose of its connections."""
     engine = connectable or async_engine_from_config(
         config.get_section(config.config_ini_section, {}),
         prefix="sqlalchemy.",
@@ -85,8 +82,11 @@ def run_migrations_online() -> None:
     connectable = config.attributes.get("connection")
     if isinstance(connectable, Connection):
         do_run_migrations(connectable)
+    elif isinstance(connectable, AsyncConnection):
+        # On the event loop that the connection belongs to.
+        migrate.run_coroutine(connectable.run_sync(do_run_migrations), migrate.driver_loop(connectable))
     else:
-        migrate.run_coroutine(run_async_migrations(connectable), connectable)
+        migrate.run_coroutine(run_async_migrations(connectable))
 
 
 if context.is_offline_mode():

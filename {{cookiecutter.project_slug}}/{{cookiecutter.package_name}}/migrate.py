@@ -96,40 +96,38 @@ def ini_escape(value: str) -> str:
     return value.replace("%", "%%")
 
 
-FOREIGN_ASYNC_CONNECTION = (
-    "the AsyncConnection handed in belongs to an event loop this migration cannot run on:"
-    " call `await upgrade_async(connection=...)`, or hand in the Connection that"
-    " `await connection.run_sync(...)` passes to its function"
-)
+def run_coroutine(coroutine: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Run `coroutine` to completion from synchronous code.
 
-
-def run_coroutine(coroutine: Coroutine[Any, Any, None], connectable: object = None) -> None:
-    """asyncio.run(), also when called from inside a running event loop.
-
-    A loop cannot be nested, so there the coroutine runs on a worker thread with
-    a loop of its own. An AsyncConnection cannot follow it there: it belongs to
-    the loop that opened it.
+    On `loop` when given: the loop an async connection belongs to, running in
+    another thread or not running at all. Otherwise with asyncio.run(), on a
+    worker thread when this thread's loop is running (loops do not nest).
     """
     try:
-        asyncio.get_running_loop()
+        running = asyncio.get_running_loop()
     except RuntimeError:
-        inside_loop = False
-    else:
-        inside_loop = True
-    handed_async_connection = isinstance(connectable, AsyncConnection)
-    if inside_loop and handed_async_connection:
+        running = None
+    if loop is not None and loop is running:
         coroutine.close()
-        raise CommandError(FOREIGN_ASYNC_CONNECTION)
-    try:
-        if inside_loop:
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                pool.submit(asyncio.run, coroutine).result()
-        else:
-            asyncio.run(coroutine)
-    except RuntimeError as exc:
-        if handed_async_connection and "different loop" in str(exc):
-            raise CommandError(FOREIGN_ASYNC_CONNECTION) from None
-        raise
+        raise CommandError(
+            "the AsyncConnection handed in belongs to the event loop that is waiting for this"
+            " migration: `await upgrade_async(connection=...)` instead"
+        )
+    if loop is not None and loop.is_running():
+        asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+    elif loop is not None:
+        loop.run_until_complete(coroutine)
+    elif running is None:
+        asyncio.run(coroutine)
+    else:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(asyncio.run, coroutine).result()
+
+
+def driver_loop(connection: AsyncConnection) -> asyncio.AbstractEventLoop | None:
+    """The event loop the driver bound `connection` to (asyncpg and asyncmy do; aiosqlite does not)."""
+    adapted = connection.sync_connection.connection.dbapi_connection
+    return getattr(getattr(adapted, "driver_connection", None), "_loop", None)
 
 
 @asynccontextmanager
