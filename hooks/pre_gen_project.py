@@ -9,10 +9,13 @@ import keyword
 import re
 import sys
 
-# Values arrive as JSON data, never spliced into code (tojson escapes ' as \u0027).
+# Values arrive as JSON data, never spliced into code. Single quotes: a JSON
+# string starts with a double quote, and tojson escapes ' as \u0027.
+# fmt: off
 PROJECT_SLUG = json.loads(r'''{{ cookiecutter.project_slug | tojson }}''')
 PACKAGE_NAME = json.loads(r'''{{ cookiecutter.package_name | tojson }}''')
 ENV_PREFIX = json.loads(r'''{{ cookiecutter.env_prefix | tojson }}''')
+# fmt: on
 
 SLUG = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
 PACKAGE = re.compile(r"[a-z_][a-z0-9_]*")

@@ -208,9 +208,7 @@ def mariadb_server() -> Iterator[Server]:
             f"ALTER USER 'root'@'127.0.0.1' IDENTIFIED BY {password};"
             "GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;"
         )
-        subprocess.run(
-            [client, f"--socket={sock}", "-uroot", "-e", setup], check=True, capture_output=True
-        )
+        subprocess.run([client, f"--socket={sock}", "-uroot", "-e", setup], check=True, capture_output=True)
         yield Server("mysql", URL.create("mysql", "root", ADMIN_PASSWORD, "127.0.0.1", port))
     finally:
         if process is not None:

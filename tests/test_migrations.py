@@ -65,7 +65,9 @@ def test_special_character_password(backend, backend_project: Project, monkeypat
     url = backend.create_database(password=SPECIAL_PASSWORD)
     if given_as == "url-encoded":
         encoded = quote(SPECIAL_PASSWORD, safe="")
-        monkeypatch.setenv("DATABASE_URL", f"{url.drivername}://{url.username}:{encoded}@{url.host}:{url.port}/{url.database}")
+        monkeypatch.setenv(
+            "DATABASE_URL", f"{url.drivername}://{url.username}:{encoded}@{url.host}:{url.port}/{url.database}"
+        )
     else:
         for name, value in {"HOST": url.host, "PORT": url.port, "USER": url.username,
                             "PASSWORD": SPECIAL_PASSWORD, "NAME": url.database}.items():  # fmt: skip
