@@ -1,0 +1,103 @@
+"""The hooks: bad answers are refused before rendering, bad output is never handed over."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from cookiecutter.exceptions import FailedHookException
+from rendering import TEMPLATE, render
+
+SLUG_DIR = "{{cookiecutter.project_slug}}"
+
+
+@pytest.mark.parametrize(
+    ("answers", "message"),
+    [
+        pytest.param({"project_slug": "My Service"}, "project_slug 'My Service'", id="slug-with-space"),
+        pytest.param({"project_slug": "-svc"}, "project_slug '-svc'", id="slug-leading-hyphen"),
+        pytest.param({"package_name": "my-service"}, "package_name 'my-service'", id="package-with-hyphen"),
+        pytest.param({"package_name": "1service"}, "package_name '1service'", id="package-leading-digit"),
+        pytest.param({"package_name": "class"}, "is a Python keyword", id="package-keyword"),
+        pytest.param({"package_name": "alembic"}, "would shadow", id="package-shadows-alembic"),
+        pytest.param({"package_name": "json"}, "would shadow", id="package-shadows-stdlib"),
+        pytest.param({"env_prefix": "APP"}, "ending with '_'", id="prefix-without-underscore"),
+        pytest.param({"env_prefix": "APP-"}, "env_prefix 'APP-'", id="prefix-with-hyphen"),
+        pytest.param({"env_prefix": "1_"}, "env_prefix '1_'", id="prefix-leading-digit"),
+        pytest.param({"project_name": "x'''\"\"\"\\"}, "project_slug", id="quotes-in-answers-stay-data"),
+    ],
+)
+def test_pre_gen_rejects_bad_answers(tmp_path: Path, capfd, answers: dict[str, str], message: str) -> None:
+    with pytest.raises(FailedHookException):
+        render(tmp_path, **answers)
+    assert message in capfd.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        pytest.param({}, id="defaults"),
+        pytest.param({"env_prefix": "APP_", "project_name": "Billing API"}, id="prefix"),
+        pytest.param({"project_name": "Ledger", "package_name": "ledger_core"}, id="own-package-name"),
+    ],
+)
+def test_good_answers_render(tmp_path: Path, answers: dict[str, str]) -> None:
+    project = render(tmp_path, **answers)
+    assert (project / "alembic.ini").is_file()
+    assert (project / answers.get("package_name", project.name.replace("-", "_")) / "settings.py").is_file()
+
+
+def template_copy_with(tmp_path: Path, name: str, content: str) -> Path:
+    """A copy of the template whose rendered project gains one extra file."""
+    copy = tmp_path / "template"
+    shutil.copytree(TEMPLATE, copy, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "__pycache__"))
+    (copy / SLUG_DIR / name).write_text(content)
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        pytest.param(
+            "deploy.py",
+            'URL = "postgresql://svc:hunter2@db.internal/app"\n',
+            "deploy.py:1: a URL with a password",
+            id="credentials-in-code",
+        ),
+        pytest.param(
+            "notes.md",
+            "{% raw %}Hello {{ cookiecutter.project_nam }}{% endraw %}\n",
+            "notes.md:1: template marker",
+            id="jinja-leftover",
+        ),
+        pytest.param("broken.py", "def f(:\n", "broken.py:1: does not compile", id="python-syntax-error"),
+    ],
+)
+def test_post_gen_rejects_bad_output(tmp_path: Path, capfd, name: str, content: str, message: str) -> None:
+    template = template_copy_with(tmp_path, name, content)
+    output = tmp_path / "out"
+    with pytest.raises(FailedHookException):
+        render(output, template=template)
+    assert message in capfd.readouterr().err
+    # cookiecutter removed the half-made project: nothing is left behind.
+    assert not output.exists() or list(output.iterdir()) == []
+
+
+def test_post_gen_rejects_a_url_in_alembic_ini(tmp_path: Path, capfd) -> None:
+    template = template_copy_with(tmp_path, "placeholder.txt", "")
+    ini = template / SLUG_DIR / "alembic.ini"
+    ini.write_text(ini.read_text().replace("# sqlalchemy.url =", "sqlalchemy.url = sqlite:///app.db"))
+    with pytest.raises(FailedHookException):
+        render(tmp_path / "out", template=template)
+    error = capfd.readouterr().err
+    assert "alembic.ini:" in error and "sqlalchemy.url is set" in error
+    assert "sqlite:///app.db" not in error
+
+
+def test_post_gen_allows_documentation_placeholders(tmp_path: Path) -> None:
+    template = template_copy_with(
+        tmp_path, "docs.md", "postgresql://USER:PASSWORD@HOST/db and mysql://app:<password>@db/app\n"
+    )
+    render(tmp_path / "out", template=template)
