@@ -166,8 +166,8 @@ def parse_url(raw: str) -> URL:
     """Turn a {{ cookiecutter.env_prefix }}DATABASE_URL value into the async driver's URL."""
     try:
         url = make_url(raw)
-    except ArgumentError:
-        # The message of ArgumentError quotes the URL, password and all.
+    except (ArgumentError, ValueError):
+        # These messages quote the URL, password and all.
         raise ValueError(f"{env_var('url')} is not a URL like {EXAMPLE_URL}") from None
     if url.get_backend_name() not in BACKENDS:
         raise ValueError(f"{env_var('url')} must be a URL like {EXAMPLE_URL}, not {url.drivername}://...")
