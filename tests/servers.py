@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,6 +84,42 @@ class Server:
                 f"GRANT ALL ON `{name}`.* TO '{user}'@'%'",
             )
         return self.admin_url.set(username=user, password=password, database=name)
+
+    @contextlib.contextmanager
+    def holding(self, database: str, *statements: str) -> Iterator[None]:
+        """Run `statements` in an open transaction of another session, until the block ends.
+
+        The session is ended for sure afterwards: a backend whose client went away
+        keeps its locks while it is busy (client_connection_check_interval is 0).
+        """
+        url = self.admin_url.set(drivername=ASYNC_DRIVERS[self.backend], database=database)
+        started, release, failed = threading.Event(), threading.Event(), []
+
+        async def hold() -> None:
+            engine = create_async_engine(url, poolclass=NullPool)
+            try:
+                async with engine.connect() as connection:
+                    for statement in statements:
+                        await connection.execute(text(statement))
+                    started.set()
+                    await asyncio.to_thread(release.wait)
+                    await connection.rollback()
+            except BaseException as exc:
+                failed.append(exc)
+                started.set()
+            finally:
+                await engine.dispose()
+
+        thread = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
+        thread.start()
+        started.wait(30)
+        if failed:
+            raise failed[0]
+        try:
+            yield
+        finally:
+            release.set()
+            thread.join(30)
 
     def tables(self, url: URL) -> set[str]:
         """The tables in the database of `url`, as the admin sees them."""
@@ -152,13 +189,26 @@ def postgres_cluster() -> Iterator[Server]:
         shutil.chown(root, "postgres")
         shutil.chown(pwfile, "postgres")
     port = free_port()
+    # A self-signed certificate, so that ?sslmode=require can be tested for real.
+    subprocess.run(
+        ["openssl", "req", "-new", "-x509", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-keyout", root / "server.key", "-out", root / "server.crt"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (root / "server.key").chmod(0o600)
+    if run_as:
+        shutil.chown(root / "server.key", "postgres")
+        shutil.chown(root / "server.crt", "postgres")
     try:
         subprocess.run(
             [*run_as, bindir / "initdb", "-D", data, "-U", "postgres", "--auth=scram-sha-256",
              f"--pwfile={pwfile}", "--no-sync", "-E", "UTF8", "--locale=C"],
             check=True, capture_output=True,
         )  # fmt: skip
-        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        options = (
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+            f" -c ssl=on -c ssl_cert_file={root}/server.crt -c ssl_key_file={root}/server.key"
+        )
         subprocess.run(
             [*run_as, bindir / "pg_ctl", "-D", data, "-l", log, "-o", options, "-w", "start"],
             check=True, capture_output=True,
@@ -223,3 +273,44 @@ def external_server(url: str) -> Iterator[Server]:
     parsed = make_url(url)
     backend = "mysql" if parsed.get_backend_name() in ("mysql", "mariadb") else "postgresql"
     yield Server(backend, parsed.set(drivername=backend))
+
+
+@contextlib.contextmanager
+def pgbouncer(server: Server, database_url: URL) -> Iterator[URL]:
+    """PgBouncer in transaction mode in front of `server`, for the database of `database_url`."""
+    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if binary is None:
+        raise RuntimeError("no pgbouncer binary; install it (Debian package pgbouncer)")
+    run_as = _as_service_user("postgres")
+    root = Path(tempfile.mkdtemp(prefix="pgbouncer-"))
+    port = free_port()
+    user, password = database_url.username, database_url.password
+    (root / "userlist.txt").write_text(f'"{user}" "{password.replace(chr(34), chr(34) * 2)}"\n')
+    (root / "pgbouncer.ini").write_text(
+        f"""[databases]
+{database_url.database} = host=127.0.0.1 port={server.admin_url.port} dbname={database_url.database}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {root}/userlist.txt
+pool_mode = transaction
+logfile = {root}/pgbouncer.log
+pidfile = {root}/pgbouncer.pid
+"""
+    )
+    if run_as:
+        for path in (root, *root.iterdir()):
+            shutil.chown(path, "postgres")
+    process = subprocess.Popen(
+        [*run_as, binary, root / "pgbouncer.ini"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    try:
+        _wait_for_port(port, time.monotonic() + 30, root / "pgbouncer.log")
+        yield database_url.set(port=port)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
