@@ -1,0 +1,222 @@
+"""Every combination of answers that changes the output: rendered, linted, and run.
+
+Modelled on cookiecutter-django's test_cookiecutter_generation.py, but the matrix
+is derived from cookiecutter.json: a new choice or y/n option joins it without
+an edit here. For each supported combination the render passes the post-gen
+checks, `ruff check` and `ruff format --check` are clean on it, and the rendered
+project's own test suite passes against a real database. Unsupported
+combinations must be refused by the pre-gen hook with a message saying why.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cookiecutter.exceptions import FailedHookException
+from cookiecutter.prompt import prompt_for_config
+
+from conftest import make_project, url_string
+from rendering import TEMPLATE, Project, render
+
+CONTEXT: dict[str, Any] = json.loads((TEMPLATE / "cookiecutter.json").read_text())
+# What `cookiecutter --no-input` answers: templated defaults rendered, choices at their first value.
+DEFAULTS: dict[str, Any] = dict(prompt_for_config({"cookiecutter": CONTEXT}, no_input=True))
+
+YES = {"y", "yes", "true", "on", "1"}
+NO = {"n", "no", "false", "off", "0"}
+
+# Free-text answers that change what renders (not just a word in it), and values covering them.
+FREE_TEXT = {"env_prefix": ["", "APP_"]}
+# Free text that only changes words: names and descriptions. Their validation is
+# test_hooks.py's business; the matrix uses the defaults.
+TEXT_ONLY = {"project_name", "project_slug", "package_name", "description"}
+# Choices whose values change only lines that name the value. Each would multiply the
+# matrix for nothing: test_python_version_changes_only_the_lines_naming_it proves the
+# claim, and every matrix render is linted under each of its values instead.
+NAMED_ONLY = {"python_version"}
+# Short names for the ids of y/n options (the option name is used otherwise).
+LABELS = {"migration_lint": "lint", "github_actions": "gha"}
+
+
+def is_yes(value: Any) -> bool:
+    return value is True or str(value).lower() in YES
+
+
+def is_toggle(default: Any) -> bool:
+    """A y/n option: a JSON boolean, or a string (templated or not) that renders to y/n."""
+    return isinstance(default, bool) or str(default).lower() in YES | NO
+
+
+def matrix_values(name: str) -> list[Any] | None:
+    """The values of `name` the matrix covers; None when it is not a matrix option."""
+    if name.startswith("_") or name in TEXT_ONLY or name in NAMED_ONLY:
+        return None
+    if name in FREE_TEXT:
+        return FREE_TEXT[name]
+    if isinstance(CONTEXT[name], list):
+        return list(CONTEXT[name])
+    if isinstance(CONTEXT[name], bool):
+        return [True, False]
+    if is_toggle(DEFAULTS.get(name)):
+        return ["y", "n"]
+    return None
+
+
+MATRIX = {name: values for name in CONTEXT if (values := matrix_values(name)) is not None}
+
+
+# Combinations hooks/pre_gen_project.py refuses: one (rule, words its message must contain)
+# pair per rule of the hook that looks at more than one answer. A combination a rule
+# matches must fail before anything renders; every other one must render and pass.
+def lint_without_postgresql(answers: dict[str, Any]) -> bool:
+    return "migration_lint" in answers and is_yes(answers["migration_lint"]) and answers["database"] != "postgresql"
+
+
+UNSUPPORTED: list[tuple[Callable[[dict[str, Any]], bool], str]] = [
+    (lint_without_postgresql, "migration_lint"),
+]
+
+
+def refusal(answers: dict[str, Any]) -> str | None:
+    """What the pre-gen hook must say about `answers`; None when it must accept them."""
+    return next((message for rule, message in UNSUPPORTED if rule(answers)), None)
+
+
+def combination_id(answers: dict[str, Any]) -> str:
+    """Readable ids: postgresql-APP_-lint-gha; an empty prefix and a 'n' leave no part."""
+    parts = []
+    for name, value in answers.items():
+        if name in FREE_TEXT or not is_toggle(value):
+            parts.append(str(value))
+        elif is_yes(value):
+            parts.append(LABELS.get(name, name.replace("_", "-")))
+    return "-".join(part for part in parts if part)
+
+
+COMBINATIONS = [dict(zip(MATRIX, values, strict=True)) for values in itertools.product(*MATRIX.values())]
+SUPPORTED = [answers for answers in COMBINATIONS if refusal(answers) is None]
+REFUSED = [answers for answers in COMBINATIONS if refusal(answers) is not None]
+
+
+def params(combinations: list[dict[str, Any]]) -> list:
+    return [pytest.param(answers, id=combination_id(answers)) for answers in combinations]
+
+
+def with_backend(combinations: list[dict[str, Any]]) -> list:
+    # `backend` (conftest.py) is parametrised indirectly: it starts the database the
+    # combination needs (one server per test session) and each test makes a fresh database.
+    return [pytest.param(answers["database"], answers, id=combination_id(answers)) for answers in combinations]
+
+
+def test_every_option_is_in_the_matrix_or_explained() -> None:
+    """A new option must join the matrix (choices and y/n do by themselves) or say why not."""
+    unexplained = [
+        name
+        for name in CONTEXT
+        if not name.startswith("_") and name not in MATRIX and name not in TEXT_ONLY | NAMED_ONLY
+    ]
+    assert not unexplained, f"add {unexplained} to FREE_TEXT, TEXT_ONLY or NAMED_ONLY in {__file__}"
+    assert len(set(map(combination_id, COMBINATIONS))) == len(COMBINATIONS), "two combinations share an id"
+
+
+def ruff_problems(path: Path) -> list[str]:
+    """`ruff check` and `ruff format --check` as the project configures them, then under
+    every python_version it can be rendered with (the target version changes the rules)."""
+    targets = [[], *(["--target-version", f"py{v.replace('.', '')}"] for v in CONTEXT.get("python_version", []))]
+    commands = (["check", "--output-format", "concise"], ["format", "--check"])
+    found: dict[str, list[str]] = {}  # each distinct complaint, and the runs that made it
+    for command, target in itertools.product(commands, targets):
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, "--no-cache", *target, "."],
+            cwd=path,
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            found.setdefault(result.stdout + result.stderr, []).append(" ".join(["ruff", *command, *target]))
+    return [f"{' | '.join(runs)}:\n{output}" for output, runs in found.items()]
+
+
+def run_rendered_suite(project: Project, database_url: str) -> subprocess.CompletedProcess:
+    """`python -m pytest` inside the rendered project, as its developers run it."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and "DATABASE_" not in k}
+    environment["TEST_DATABASE_URL"] = database_url
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs"],
+        cwd=project.path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(("backend", "answers"), with_backend(SUPPORTED), indirect=["backend"])
+def test_supported_combination(backend, answers: dict[str, Any], tmp_path: Path) -> None:
+    # The post-gen checks ran inside render(): a problem raises FailedHookException here.
+    project = make_project(tmp_path / "render", **answers)
+
+    problems = ruff_problems(project.path)
+    assert not problems, "\n".join(problems)
+
+    # A model and the revision creating it, so that the rendered checks have a history
+    # to walk up and down and a schema to compare with the models.
+    project.add_thing()
+    url = backend.create_database()
+    result = run_rendered_suite(project, url_string(url))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    summary = output.strip().splitlines()[-1]
+    # Every check ran: a skipped one would hide a backend that does not work.
+    assert re.search(r"\b\d+ passed\b", summary) and not re.search(r"skipped|xfail|error", summary), output
+    # ... and ran on the database it was given (it ends migrated down to base).
+    tables = backend.tables(url)
+    assert "alembic_version" in tables and "thing" not in tables, tables
+
+
+@pytest.mark.parametrize("answers", params(REFUSED))
+def test_unsupported_combination_is_refused(answers: dict[str, Any], tmp_path: Path, capfd) -> None:
+    with pytest.raises(FailedHookException):
+        render(tmp_path, **answers)
+    error = capfd.readouterr().err
+    assert "ERROR (hooks/pre_gen_project.py)" in error and refusal(answers) in error, error
+    assert list(tmp_path.iterdir()) == []
+
+
+# The render with the most options switched on: whatever python_version touches is in it.
+FULLEST = max(SUPPORTED, key=lambda answers: sum(is_yes(value) for value in answers.values()))
+
+
+@pytest.mark.parametrize("python_version", CONTEXT.get("python_version", [])[1:])
+def test_python_version_changes_only_the_lines_naming_it(python_version: str, tmp_path: Path) -> None:
+    """Why python_version is not a matrix axis: it only changes lines that name the version.
+
+    If this fails, the version changes more than that: move python_version out of
+    NAMED_ONLY so that every combination renders with every version.
+    """
+    default = render(tmp_path / "default", **FULLEST)
+    other = render(tmp_path / "other", **FULLEST, python_version=python_version)
+    files = sorted(path.relative_to(default) for path in default.rglob("*") if path.is_file())
+    assert files == sorted(path.relative_to(other) for path in other.rglob("*") if path.is_file())
+    # A removed line must name the default version, an added one the other version.
+    names = {sign: (version, "py" + version.replace(".", "")) for sign, version in
+             (("-", DEFAULTS["python_version"]), ("+", python_version))}  # fmt: skip
+    unexplained = []
+    for file in files:
+        old, new = (root.joinpath(file).read_text().splitlines() for root in (default, other))
+        # [2:]: past the ---/+++ header lines.
+        for line in list(difflib.unified_diff(old, new, lineterm="", n=0))[2:]:
+            sign = line[:1]
+            if sign in names and not any(n in line for n in names[sign]):
+                unexplained.append(f"{file}: {line}")
+    assert not unexplained, "\n".join(unexplained)
