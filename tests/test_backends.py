@@ -1,0 +1,115 @@
+"""What only one backend does: SQLite's zero-configuration quick start and batch
+ALTERs, MySQL's implicit DDL commits."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from alembic import command
+
+from conftest import make_project, url_string
+from servers import Server
+
+COLOUR_MODEL = """
+from sqlalchemy import String
+from sqlalchemy.orm import Mapped, mapped_column
+
+
+class Thing(Base):
+    __tablename__ = "thing"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+"""
+
+
+def columns(database: Path, table: str) -> dict[str, tuple]:
+    with sqlite3.connect(database) as connection:
+        return {row[1]: row for row in connection.execute(f"PRAGMA table_info({table})")}
+
+
+def test_sqlite_quick_start_needs_no_configuration(tmp_path: Path) -> None:
+    """`alembic -c path/to/alembic.ini` from anywhere uses the one database file in the project."""
+    project = make_project(tmp_path / "render", database="sqlite")
+    project.add_thing()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd in (project.path, elsewhere):
+        result = subprocess.run(
+            [sys.executable, "-m", "alembic", "-c", str(project.path / "alembic.ini"), "upgrade", "head"],
+            cwd=cwd, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    database = project.path / f"{project.package}.sqlite3"
+    assert columns(database, "thing")
+    assert list(elsewhere.iterdir()) == []
+    assert sorted(p.name for p in project.path.glob("*.sqlite3")) == [database.name]
+
+
+def test_sqlite_relative_url_is_relative_to_the_current_directory(tmp_path: Path) -> None:
+    project = make_project(tmp_path, database="sqlite")
+    project.add_thing()
+    (project.path / "data").mkdir()
+    result = project.cli("upgrade", "head", env={"DATABASE_URL": "sqlite:///data/../data/app.db"})
+    assert result.returncode == 0, result.stderr
+    assert columns(project.path / "data" / "app.db", "thing")
+    assert not (project.path / f"{project.package}.sqlite3").exists()
+
+
+def test_sqlite_autogenerate_alters_columns_in_batch(tmp_path: Path, monkeypatch) -> None:
+    """SQLite has almost no ALTER TABLE: autogenerate must emit batch operations."""
+    project = make_project(tmp_path, database="sqlite")
+    database = tmp_path / "app.db"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{database}")
+    project.add_model(COLOUR_MODEL)
+    models = project.path / project.package / "models.py"
+    with project.activated():
+        config = project.config()
+        command.revision(config, message="create thing", autogenerate=True)
+        command.upgrade(config, "head")
+    # Add a column and make an existing one nullable and longer.
+    models.write_text(
+        models.read_text()
+        .replace("mapped_column(String(100))", "mapped_column(String(200), nullable=True)")
+        .replace("name: Mapped[str]", "name: Mapped[str | None]")
+        + "    colour: Mapped[str | None] = mapped_column(String(20))\n"
+    )
+    with project.activated():  # imports the changed models afresh
+        config = project.config()
+        second = command.revision(config, message="alter thing", autogenerate=True)
+        assert "batch_alter_table" in Path(second.path).read_text()
+        command.upgrade(config, "head")
+        assert columns(database, "thing")["colour"]
+        assert columns(database, "thing")["name"][3] == 0  # notnull flag off
+        command.check(config)
+        command.downgrade(config, "-1")
+        assert "colour" not in columns(database, "thing")
+        assert columns(database, "thing")["name"][3] == 1
+        command.downgrade(config, "base")
+
+
+def test_mysql_failing_revision_keeps_earlier_ddl_and_says_so(tmp_path: Path, mysql: Server) -> None:
+    """MySQL commits DDL implicitly: what ran before the failure stays, and FAILED: says so."""
+    project = make_project(tmp_path, database="mysql")
+    project.add_thing()
+    url = mysql.create_database()
+    (project.path / "migrations" / "versions" / "0002_two_steps.py").write_text(
+        '"""two steps"""\n\nimport sqlalchemy as sa\nfrom alembic import op\n\n'
+        'revision = "0002"\ndown_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        "def upgrade() -> None:\n"
+        '    op.create_table("first_step", sa.Column("id", sa.Integer))\n'
+        '    op.execute("SELECT no_such_column FROM first_step")\n\n\n'
+        "def downgrade() -> None:\n"
+        '    op.drop_table("first_step")\n'
+    )
+    result = project.cli("upgrade", "head", env={"DATABASE_URL": url_string(url)})
+    assert result.returncode != 0
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED:")]
+    assert len(failed) == 1, result.stdout + result.stderr
+    assert "0002_two_steps.py failed" in failed[0] and "stay applied" in failed[0]
+    # The half-applied state a user must clean up by hand.
+    assert {"thing", "first_step"} <= mysql.tables(url)
+    assert mysql.execute("SELECT version_num FROM alembic_version", database=url.database) == [("0001",)]
