@@ -223,3 +223,17 @@ def test_cli_from_another_directory(backend, backend_project: Project, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "thing" in backend.tables(url)
     assert list(elsewhere.iterdir()) == []
+
+
+def test_prefixed_variables_drive_the_migration(postgres, tmp_path, monkeypatch) -> None:
+    project = make_project(tmp_path, env_prefix="APP_", project_name="Billing API")
+    project.add_thing()
+    url = postgres.create_database(password=SPECIAL_PASSWORD)
+    # Another service's variable in the same environment is not ours.
+    monkeypatch.setenv("DATABASE_URL", "postgresql://someone:else@127.0.0.1:1/other")
+    for name, value in {"HOST": url.host, "PORT": url.port, "USER": url.username,
+                        "PASSWORD": SPECIAL_PASSWORD, "NAME": url.database}.items():  # fmt: skip
+        monkeypatch.setenv(f"APP_DATABASE_{name}", str(value))
+    with project.activated():
+        command.upgrade(project.config(), "head")
+    assert "thing" in postgres.tables(url)
