@@ -1,0 +1,36 @@
+"""${message}
+
+Revision ID: ${up_revision}
+Revises: ${down_revision | comma,n}
+Create Date: ${create_date}
+
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+${imports if imports else ""}
+
+# revision identifiers, used by Alembic.
+revision: str = ${repr(up_revision)}
+down_revision: str | Sequence[str] | None = ${repr(down_revision)}
+branch_labels: str | Sequence[str] | None = ${repr(branch_labels)}
+depends_on: str | Sequence[str] | None = ${repr(depends_on)}
+
+# The whole upgrade runs in one transaction, with lock_timeout set by env.py:
+# a statement that would queue behind a long transaction fails instead, and
+# everything rolls back. On a table with data:
+# - create indexes with postgresql_concurrently=True inside
+#   `with op.get_context().autocommit_block():`;
+# - add a NOT NULL column as nullable, backfill it, then alter it to NOT NULL.
+
+
+def upgrade() -> None:
+    """Upgrade schema."""
+    ${upgrades if upgrades else "pass"}
+
+
+def downgrade() -> None:
+    """Downgrade schema."""
+    ${downgrades if downgrades else "pass"}

@@ -1,0 +1,1 @@
+"""A service whose database schema is managed by async Alembic migrations."""
