@@ -252,18 +252,26 @@ op.execute(
 
 
 def test_through_pgbouncer_in_transaction_mode(service: Service) -> None:
+    """One transaction of our own keeps one server connection: lock and limits hold."""
+    service.add_revision(
+        "0002_limits",
+        "0001",
+        """
+op.create_table("limits", sa.Column("lock_timeout", sa.Text), sa.Column("locked", sa.Boolean))
+op.execute(
+    "INSERT INTO limits SELECT current_setting('lock_timeout'),"
+    " EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())"
+)
+""",
+        downgrade='op.drop_table("limits")',
+    )
     with pgbouncer(service.server, service.url) as bouncer_url:
-        result = service.alembic(
-            "upgrade",
-            "head",
-            DATABASE_URL=url_string(bouncer_url),
-            DATABASE_PGBOUNCER="true",
-            DATABASE_MIGRATION_LOCK="false",
-        )
+        through = {"DATABASE_URL": url_string(bouncer_url), "DATABASE_PGBOUNCER": "true", "DATABASE_LOCK_TIMEOUT": "3s"}
+        result = service.alembic("upgrade", "head", **through)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert service.alembic("downgrade", "base", DATABASE_URL=url_string(bouncer_url), DATABASE_PGBOUNCER="true",
-                               DATABASE_MIGRATION_LOCK="false").returncode == 0  # fmt: skip
-    assert "thing" not in service.tables() and service.version() == []
+        assert service.query("SELECT lock_timeout, locked FROM limits") == [("3s", True)]
+        assert service.alembic("downgrade", "base", **through).returncode == 0
+    assert service.tables() == {"alembic_version"} and service.version() == []
 
 
 # --- secrets ---------------------------------------------------------------------
