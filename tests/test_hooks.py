@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from cookiecutter.exceptions import FailedHookException
+
 from rendering import TEMPLATE, render
 
 SLUG_DIR = "{{cookiecutter.project_slug}}"
@@ -41,6 +42,10 @@ def test_pre_gen_rejects_bad_answers(tmp_path: Path, capfd, answers: dict[str, s
         pytest.param({}, id="defaults"),
         pytest.param({"env_prefix": "APP_", "project_name": "Billing API"}, id="prefix"),
         pytest.param({"project_name": "Ledger", "package_name": "ledger_core"}, id="own-package-name"),
+        # migration_lint is y by default and PostgreSQL-only: other databases ignore it, not refuse it.
+        pytest.param({"database": "sqlite"}, id="sqlite-with-the-default-lint-answer"),
+        pytest.param({"database": "mysql", "migration_lint": "y"}, id="lint-y-without-postgresql"),
+        pytest.param({"github_actions": "n", "migration_lint": "n"}, id="no-ci-no-lint"),
     ],
 )
 def test_good_answers_render(tmp_path: Path, answers: dict[str, str]) -> None:

@@ -49,10 +49,11 @@ def run_migrations_offline() -> None:
 
 def do_run_migrations(connection: Connection) -> None:
     """Run the migrations on `connection`, inside the migration session."""
-    context.configure(connection=connection, **OPTIONS)
     try:
-        with migrate.migration_session(connection, settings), context.begin_transaction():
-            context.run_migrations()
+        with migrate.migration_session(connection, settings):
+            context.configure(connection=connection, **OPTIONS)
+            with context.begin_transaction():
+                context.run_migrations()
     except DBAPIError as exc:
         raise migrate.migration_failed(exc, config) from exc
 

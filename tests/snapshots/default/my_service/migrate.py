@@ -154,12 +154,20 @@ def migration_failed(exc: DBAPIError, config: Config) -> CommandError:
 def migration_session(connection: Connection, settings: DatabaseSettings) -> Iterator[None]:
     """Hold the migration lock and the session limits while the migrations run.
 
-    On a connection that is in no transaction (our own, or a caller's): a
-    session-level advisory lock (pg_advisory_xact_lock would be released by
-    autocommit_block()) and session settings, both undone afterwards. On a
-    caller's connection inside a transaction: transaction-level ones, so that
-    nothing outlives the caller's transaction.
+    Configure Alembic inside this block: whether the connection is in a
+    transaction when Alembic sees it decides who commits.
+
+    On a connection in no transaction: a session-level advisory lock
+    (pg_advisory_xact_lock would be released by autocommit_block()) and
+    session settings, both undone afterwards. On a caller's connection inside
+    a transaction: transaction-level ones, so that nothing outlives the
+    caller's transaction. Through PgBouncer in transaction mode, where only a
+    transaction keeps its server connection: one transaction of our own, with
+    transaction-level lock and settings.
     """
+    own_transaction = settings.pgbouncer and not connection.in_transaction()
+    if own_transaction:
+        connection.begin()
     local = connection.in_transaction()
     # lock_timeout also bounds the wait for the advisory lock: give that wait
     # its own bound first, then the limits for the migrations themselves.
@@ -177,12 +185,16 @@ def migration_session(connection: Connection, settings: DatabaseSettings) -> Ite
     limits = {"lock_timeout": settings.lock_timeout, "statement_timeout": settings.statement_timeout}
     _set_config(connection, limits, local=local)
     if not local:
-        # The statements above began a transaction; Alembic must begin its own,
-        # or it takes this one for the caller's and never commits.
+        # The statements above began a transaction: end it, so that Alembic
+        # begins (and commits) its own.
         connection.commit()
     try:
         yield
+        if own_transaction:
+            connection.commit()
     finally:
+        if own_transaction and connection.in_transaction():
+            connection.rollback()
         if not local:
             _restore_session(connection, previous, unlock=settings.migration_lock)
 

@@ -74,8 +74,8 @@ class DatabaseSettings(BaseSettings):
     # wait for this lock, then find nothing left to do.
     migration_lock: bool = True
     migration_lock_timeout: str = "5min"
-    # PgBouncer in transaction mode: no server-side prepared statement cache.
-    # Turn migration_lock off there too: session locks do not survive it.
+    # PgBouncer in transaction mode: no server-side prepared statement cache,
+    # and the whole run in one transaction, so that lock and limits hold.
     pgbouncer: bool = False
     # What a DBA sees in pg_stat_activity.
     application_name: str = "my-service-migrations"
