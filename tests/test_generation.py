@@ -28,6 +28,8 @@ from cookiecutter.prompt import prompt_for_config
 from conftest import make_project, url_string
 from rendering import TEMPLATE, Project, render
 
+Answers = dict[str, Any]
+
 CONTEXT: dict[str, Any] = json.loads((TEMPLATE / "cookiecutter.json").read_text())
 # What `cookiecutter --no-input` answers: templated defaults rendered, choices at their first value.
 DEFAULTS: dict[str, Any] = dict(prompt_for_config({"cookiecutter": CONTEXT}, no_input=True))
@@ -75,24 +77,40 @@ def matrix_values(name: str) -> list[Any] | None:
 MATRIX = {name: values for name in CONTEXT if (values := matrix_values(name)) is not None}
 
 
-# Combinations hooks/pre_gen_project.py refuses: one (rule, words its message must contain)
-# pair per rule of the hook that looks at more than one answer. A combination a rule
-# matches must fail before anything renders; every other one must render and pass.
-def lint_without_postgresql(answers: dict[str, Any]) -> bool:
-    return "migration_lint" in answers and is_yes(answers["migration_lint"]) and answers["database"] != "postgresql"
+# Rules about combinations of answers (a combination falls under one at most).
+#
+# Refused: hooks/pre_gen_project.py must stop the combination before anything renders,
+# with a message containing these words. None today: each rule of the hook that looks
+# at more than one answer gets an entry here, e.g.
+#   (lambda answers: answers["database"] == "sqlite" and is_yes(answers["x"]), "x needs a server"),
+REFUSED_WHEN: list[tuple[Callable[[Answers], bool], str]] = []
 
-
-UNSUPPORTED: list[tuple[Callable[[dict[str, Any]], bool], str]] = [
-    (lint_without_postgresql, "migration_lint"),
+# Ignored: an option that the other answers make meaningless. The combination must
+# render exactly like its twin with the option off, so only the twin runs in full.
+IGNORED_WHEN: list[tuple[Callable[[Answers], bool], str]] = [
+    # squawk lints PostgreSQL's SQL; the prompt says it has no effect on other databases.
+    (lambda answers: answers["database"] != "postgresql", "migration_lint"),
 ]
 
 
-def refusal(answers: dict[str, Any]) -> str | None:
+def refusal(answers: Answers) -> str | None:
     """What the pre-gen hook must say about `answers`; None when it must accept them."""
-    return next((message for rule, message in UNSUPPORTED if rule(answers)), None)
+    return next((message for rule, message in REFUSED_WHEN if rule(answers)), None)
 
 
-def combination_id(answers: dict[str, Any]) -> str:
+def ignored_option(answers: Answers) -> str | None:
+    """The option switched on in `answers` that has no effect there, if any."""
+    return next(
+        (option for rule, option in IGNORED_WHEN if option in answers and is_yes(answers[option]) and rule(answers)),
+        None,
+    )
+
+
+def switched_off(answers: Answers, option: str) -> Answers:
+    return {**answers, option: False if isinstance(CONTEXT[option], bool) else "n"}
+
+
+def combination_id(answers: Answers) -> str:
     """Readable ids: postgresql-APP_-lint-gha; an empty prefix and a 'n' leave no part."""
     parts = []
     for name, value in answers.items():
@@ -104,15 +122,16 @@ def combination_id(answers: dict[str, Any]) -> str:
 
 
 COMBINATIONS = [dict(zip(MATRIX, values, strict=True)) for values in itertools.product(*MATRIX.values())]
-SUPPORTED = [answers for answers in COMBINATIONS if refusal(answers) is None]
-REFUSED = [answers for answers in COMBINATIONS if refusal(answers) is not None]
+REFUSED = [answers for answers in COMBINATIONS if refusal(answers)]
+IGNORING = [answers for answers in COMBINATIONS if not refusal(answers) and ignored_option(answers)]
+SUPPORTED = [answers for answers in COMBINATIONS if not refusal(answers) and not ignored_option(answers)]
 
 
-def params(combinations: list[dict[str, Any]]) -> list:
+def params(combinations: list[Answers]) -> list:
     return [pytest.param(answers, id=combination_id(answers)) for answers in combinations]
 
 
-def with_backend(combinations: list[dict[str, Any]]) -> list:
+def with_backend(combinations: list[Answers]) -> list:
     # `backend` (conftest.py) is parametrised indirectly: it starts the database the
     # combination needs (one server per test session) and each test makes a fresh database.
     return [pytest.param(answers["database"], answers, id=combination_id(answers)) for answers in combinations]
@@ -162,7 +181,7 @@ def run_rendered_suite(project: Project, database_url: str) -> subprocess.Comple
 
 
 @pytest.mark.parametrize(("backend", "answers"), with_backend(SUPPORTED), indirect=["backend"])
-def test_supported_combination(backend, answers: dict[str, Any], tmp_path: Path) -> None:
+def test_supported_combination(backend, answers: Answers, tmp_path: Path) -> None:
     # The post-gen checks ran inside render(): a problem raises FailedHookException here.
     project = make_project(tmp_path / "render", **answers)
 
@@ -184,13 +203,30 @@ def test_supported_combination(backend, answers: dict[str, Any], tmp_path: Path)
     assert "alembic_version" in tables and "thing" not in tables, tables
 
 
+@pytest.mark.parametrize("answers", params(IGNORING))
+def test_ignored_option_changes_nothing(answers: Answers, tmp_path: Path) -> None:
+    option = ignored_option(answers)
+    rendered = files_of(render(tmp_path / "on", **answers))
+    twin = files_of(render(tmp_path / "off", **switched_off(answers, option)))
+    # The answers file records the answer as given; nothing else may differ.
+    assert rendered.pop(".cookiecutter.json") != twin.pop(".cookiecutter.json")
+    assert rendered.keys() == twin.keys()
+    differing = [name for name in rendered if rendered[name] != twin[name]]
+    assert not differing, f"{option}={answers[option]} changes {differing} although it has no effect here"
+
+
+# Empty (skipped) while no rule refuses a combination.
 @pytest.mark.parametrize("answers", params(REFUSED))
-def test_unsupported_combination_is_refused(answers: dict[str, Any], tmp_path: Path, capfd) -> None:
+def test_unsupported_combination_is_refused(answers: Answers, tmp_path: Path, capfd) -> None:
     with pytest.raises(FailedHookException):
         render(tmp_path, **answers)
     error = capfd.readouterr().err
     assert "ERROR (hooks/pre_gen_project.py)" in error and refusal(answers) in error, error
     assert list(tmp_path.iterdir()) == []
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*") if path.is_file()}
 
 
 # The render with the most options switched on: whatever python_version touches is in it.
