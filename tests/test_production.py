@@ -169,6 +169,8 @@ def test_offline_sql_takes_no_lock(service: Service) -> None:
         result = service.alembic("upgrade", "head", "--sql", DATABASE_MIGRATION_LOCK_TIMEOUT="1s")
     assert result.returncode == 0, result.stderr
     assert "pg_advisory_lock" not in result.stdout and "CREATE TABLE thing" in result.stdout
+    # A script applied by hand runs under the same limits as an online run.
+    assert "SET lock_timeout = '5s';" in result.stdout and "SET statement_timeout = '0';" in result.stdout
 
 
 # --- timeouts ------------------------------------------------------------------

@@ -48,6 +48,11 @@ def run_migrations_offline() -> None:
         **OPTIONS,
     )
     with context.begin_transaction():
+{% if cookiecutter.database == "postgresql" %}
+        # A script applied by hand gets the limits an online run sets.
+        for statement in migrate.offline_session_sql(settings):
+            context.execute(statement)
+{% endif %}
         context.run_migrations()
 
 

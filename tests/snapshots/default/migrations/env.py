@@ -44,6 +44,9 @@ def run_migrations_offline() -> None:
         **OPTIONS,
     )
     with context.begin_transaction():
+        # A script applied by hand gets the limits an online run sets.
+        for statement in migrate.offline_session_sql(settings):
+            context.execute(statement)
         context.run_migrations()
 
 

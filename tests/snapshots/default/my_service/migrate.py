@@ -88,7 +88,9 @@ def ini_escape(value: str) -> str:
     return value.replace("%", "%%")
 
 
-def run_coroutine(coroutine: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop | None = None) -> None:
+def run_coroutine(
+    coroutine: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop | None = None
+) -> None:
     """Run `coroutine` to completion from synchronous code.
 
     On `loop` when given: the loop an async connection belongs to, running in
@@ -133,6 +135,12 @@ async def connect(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncItera
         yield connection
     finally:
         await connection.close()
+
+
+def offline_session_sql(settings: DatabaseSettings) -> list[str]:
+    """The session limits as SQL, for scripts written with --sql and applied by hand."""
+    limits = {"lock_timeout": settings.lock_timeout, "statement_timeout": settings.statement_timeout}
+    return [f"SET {name} = '{value.replace(chr(39), chr(39) * 2)}'" for name, value in limits.items()]
 
 
 def migration_failed(exc: DBAPIError, config: Config) -> CommandError:
