@@ -6,12 +6,20 @@ cookiecutter then removes the half-made project.
 """
 
 import configparser
+import json
 import re
 import sys
 from pathlib import Path
 
-# Built by concatenation: Jinja would consume these markers in this very file.
-JINJA_MARKERS = ("{" + "{", "{" + "%", "cookie" + "cutter.")
+# The template's variable names, as data (Jinja renders this line, tojson quotes it).
+# fmt: off
+VARIABLES = json.loads(r'''{{ cookiecutter | list | tojson }}''')
+# fmt: on
+# Built by concatenation: Jinja would consume these markers in this very file. A
+# variable reference counts; prose that names the .cookiecutter.json file does not.
+OPENERS = ["{" + "{", "{" + "%"]
+VARIABLE_REFERENCE = r"\bcookiecutter\.(?:" + "|".join(map(re.escape, VARIABLES)) + r")\b"
+JINJA_MARKERS = re.compile("|".join([*map(re.escape, OPENERS), VARIABLE_REFERENCE]))
 # GitHub Actions expressions (a dollar sign, then two braces) are meant to survive rendering.
 GITHUB_EXPRESSION = re.compile(r"\$\{" + r"\{")
 # scheme://user:password@host
@@ -63,9 +71,8 @@ def check_jinja_leftovers(path: Path, lines: list[str]) -> list[str]:
     problems = []
     for number, line in enumerate(lines, 1):
         text = GITHUB_EXPRESSION.sub("", line)
-        for marker in JINJA_MARKERS:
-            if marker in text:
-                problems.append(f"{path}:{number}: template marker {marker!r} left unrendered")
+        for marker in JINJA_MARKERS.findall(text):
+            problems.append(f"{path}:{number}: template marker {marker!r} left unrendered")
     return problems
 
 

@@ -77,6 +77,12 @@ def template_copy_with(tmp_path: Path, name: str, content: str) -> Path:
             "notes.md:1: template marker",
             id="jinja-leftover",
         ),
+        pytest.param(
+            "settings.cfg",
+            "{% raw %}name = cookiecutter.project_slug{% endraw %}\n",
+            "settings.cfg:1: template marker",
+            id="bare-variable-reference",
+        ),
         pytest.param("broken.py", "def f(:\n", "broken.py:1: does not compile", id="python-syntax-error"),
     ],
 )
@@ -103,6 +109,9 @@ def test_post_gen_rejects_a_url_in_alembic_ini(tmp_path: Path, capfd) -> None:
 
 def test_post_gen_allows_documentation_placeholders(tmp_path: Path) -> None:
     template = template_copy_with(
-        tmp_path, "docs.md", "postgresql://USER:PASSWORD@HOST/db and mysql://app:<password>@db/app\n"
+        tmp_path,
+        "docs.md",
+        "postgresql://USER:PASSWORD@HOST/db and mysql://app:<password>@db/app\n"
+        "The answers are in .cookiecutter.json.\n",
     )
     render(tmp_path / "out", template=template)
