@@ -50,6 +50,12 @@ def url_string(url: URL) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def component_variables(url: URL, prefix: str = "") -> dict[str, str]:
+    """The {prefix}DATABASE_HOST/_PORT/_USER/_PASSWORD/_NAME variables for `url`."""
+    parts = {"HOST": url.host, "PORT": url.port, "USER": url.username, "PASSWORD": url.password, "NAME": url.database}
+    return {f"{prefix}DATABASE_{name}": str(value) for name, value in parts.items()}
+
+
 def make_project(tmp_path: Path, **answers: str) -> Project:
     path = render(tmp_path, **answers)
     package = answers.get("package_name") or path.name.replace("-", "_")

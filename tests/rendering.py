@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from alembic.config import Config
 from cookiecutter.main import cookiecutter
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 TEMPLATE = Path(__file__).resolve().parent.parent
 
@@ -96,6 +100,15 @@ class Project:
             sys.path[:] = saved_path
             for name in [n for n in sys.modules if n == self.package or n.startswith(self.package + ".")]:
                 del sys.modules[name]
+
+    def module(self, name: str) -> ModuleType:
+        """A module of the rendered package (inside activated())."""
+        return importlib.import_module(f"{self.package}.{name}")
+
+    def engine(self, url: URL) -> AsyncEngine:
+        """The AsyncEngine the rendered package builds for `url` (inside activated())."""
+        settings = self.module("settings").load_settings(url=url.render_as_string(hide_password=False))
+        return self.module("database").create_engine(settings)
 
     def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         """`alembic ARGS` in a subprocess, in the project directory, with `env` added."""

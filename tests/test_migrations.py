@@ -7,7 +7,6 @@ nothing; the CLI runs check what a user sees on the terminal.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from alembic import command
 from alembic.util import CommandError
 from sqlalchemy.engine import make_url
 
-from conftest import make_project, url_string
+from conftest import component_variables, make_project, url_string
 from rendering import Project
 from servers import SQLiteFiles
 
@@ -69,9 +68,8 @@ def test_special_character_password(backend, backend_project: Project, monkeypat
             "DATABASE_URL", f"{url.drivername}://{url.username}:{encoded}@{url.host}:{url.port}/{url.database}"
         )
     else:
-        for name, value in {"HOST": url.host, "PORT": url.port, "USER": url.username,
-                            "PASSWORD": SPECIAL_PASSWORD, "NAME": url.database}.items():  # fmt: skip
-            monkeypatch.setenv(f"DATABASE_{name}", str(value))
+        for name, value in component_variables(url).items():
+            monkeypatch.setenv(name, value)
     backend_project.add_thing()
     with backend_project.activated():
         config = backend_project.config()
@@ -128,9 +126,7 @@ def test_connection_handed_in(backend, backend_project: Project, handed_in: str)
     url = backend.create_database()
     backend_project.add_thing()
     with backend_project.activated():
-        database = importlib.import_module(f"{backend_project.package}.database")
-        settings = importlib.import_module(f"{backend_project.package}.settings")
-        engine = database.create_engine(settings.load_settings(url=url_string(url)))
+        engine = backend_project.engine(url)
         config = backend_project.config()
 
         def upgrade_on(connection) -> None:
@@ -157,9 +153,7 @@ def test_async_connection_of_the_waiting_loop_is_refused_clearly(backend, backen
     url = backend.create_database()
     backend_project.add_thing()
     with backend_project.activated():
-        database = importlib.import_module(f"{backend_project.package}.database")
-        settings = importlib.import_module(f"{backend_project.package}.settings")
-        engine = database.create_engine(settings.load_settings(url=url_string(url)))
+        engine = backend_project.engine(url)
         config = backend_project.config()
 
         async def run() -> None:
@@ -180,7 +174,7 @@ def test_upgrade_from_inside_a_running_event_loop(backend, backend_project: Proj
     monkeypatch.setenv("DATABASE_URL", url_string(url))
     backend_project.add_thing()
     with backend_project.activated():
-        migrate = importlib.import_module(f"{backend_project.package}.migrate")
+        migrate = backend_project.module("migrate")
 
         async def startup() -> None:
             await migrate.upgrade_async()
@@ -195,12 +189,10 @@ def test_upgrade_async_on_a_connection_of_the_app(backend, backend_project: Proj
     url = backend.create_database()
     backend_project.add_thing()
     with backend_project.activated():
-        database = importlib.import_module(f"{backend_project.package}.database")
-        settings = importlib.import_module(f"{backend_project.package}.settings")
-        migrate = importlib.import_module(f"{backend_project.package}.migrate")
+        migrate = backend_project.module("migrate")
 
         async def startup() -> None:
-            engine = database.create_engine(settings.load_settings(url=url_string(url)))
+            engine = backend_project.engine(url)
             async with engine.connect() as connection:
                 await migrate.upgrade_async(connection=connection)
             await engine.dispose()
@@ -231,9 +223,8 @@ def test_prefixed_variables_drive_the_migration(postgres, tmp_path, monkeypatch)
     url = postgres.create_database(password=SPECIAL_PASSWORD)
     # Another service's variable in the same environment is not ours.
     monkeypatch.setenv("DATABASE_URL", "postgresql://someone:else@127.0.0.1:1/other")
-    for name, value in {"HOST": url.host, "PORT": url.port, "USER": url.username,
-                        "PASSWORD": SPECIAL_PASSWORD, "NAME": url.database}.items():  # fmt: skip
-        monkeypatch.setenv(f"APP_DATABASE_{name}", str(value))
+    for name, value in component_variables(url, "APP_").items():
+        monkeypatch.setenv(name, value)
     with project.activated():
         command.upgrade(project.config(), "head")
     assert "thing" in postgres.tables(url)

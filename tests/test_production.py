@@ -22,7 +22,7 @@ import alembic
 import pytest
 from sqlalchemy.engine import URL
 
-from conftest import make_project, url_string
+from conftest import component_variables, make_project, url_string
 from rendering import Project
 from servers import Server, free_port, pgbouncer
 
@@ -284,13 +284,9 @@ def test_password_from_a_secret_file(service: Service, tmp_path: Path) -> None:
     secrets_dir = tmp_path / "run-secrets"
     secrets_dir.mkdir()
     (secrets_dir / "database_password").write_text(SECRET + "\n")
-    url = service.url
-    result = service.project.cli(
-        "upgrade",
-        "head",
-        env={"SECRETS_DIR": str(secrets_dir), "DATABASE_HOST": url.host, "DATABASE_PORT": str(url.port),
-             "DATABASE_USER": url.username, "DATABASE_NAME": url.database},
-    )  # fmt: skip
+    variables = component_variables(service.url)
+    del variables["DATABASE_PASSWORD"]
+    result = service.project.cli("upgrade", "head", env={"SECRETS_DIR": str(secrets_dir), **variables})
     assert result.returncode == 0, result.stdout + result.stderr
     assert service.version() == [("0001",)]
 
