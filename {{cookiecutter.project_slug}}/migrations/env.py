@@ -56,8 +56,9 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+{% if cookiecutter.database == "postgresql" %}
 def do_run_migrations(connection: Connection) -> None:
-    """Run the migrations on `connection`, inside the migration session."""
+    """Run the migrations on `connection`, holding the migration lock and limits."""
     try:
         with migrate.migration_session(connection, settings):
             context.configure(connection=connection, **OPTIONS)
@@ -65,6 +66,16 @@ def do_run_migrations(connection: Connection) -> None:
                 context.run_migrations()
     except DBAPIError as exc:
         raise migrate.migration_failed(exc, config) from exc
+{% else %}
+def do_run_migrations(connection: Connection) -> None:
+    """Run the migrations on `connection`."""
+    context.configure(connection=connection, **OPTIONS)
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+    except DBAPIError as exc:
+        raise migrate.migration_failed(exc, config) from exc
+{% endif %}
 
 
 async def run_async_migrations(connectable: AsyncEngine | None) -> None:

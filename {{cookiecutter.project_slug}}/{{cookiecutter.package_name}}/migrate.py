@@ -11,9 +11,15 @@ import asyncio
 {% if cookiecutter.database == "postgresql" %}
 import zlib
 {% endif %}
+{% if cookiecutter.database == "postgresql" %}
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
+{% else %}
+from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+{% endif %}
 from pathlib import Path
 from typing import Any
 
@@ -171,12 +177,12 @@ def migration_failed(exc: DBAPIError, config: Config) -> CommandError:
     outcome = "rolled back, the schema is as it was"
 {% endif %}
     return CommandError(f"{revision} failed: {reason}; {outcome} (alembic --raiseerr shows the traceback)")
+{% if cookiecutter.database == "postgresql" %}
 
 
 @contextmanager
 def migration_session(connection: Connection, settings: DatabaseSettings) -> Iterator[None]:
     """Hold the migration lock and the session limits while the migrations run.
-{% if cookiecutter.database == "postgresql" %}
 
     Configure Alembic inside this block: whether the connection is in a
     transaction when Alembic sees it decides who commits.
@@ -188,9 +194,7 @@ def migration_session(connection: Connection, settings: DatabaseSettings) -> Ite
     caller's transaction. Through PgBouncer in transaction mode, where only a
     transaction keeps its server connection: one transaction of our own, with
     transaction-level lock and settings.
-{% endif %}
     """
-{% if cookiecutter.database == "postgresql" %}
     own_transaction = settings.pgbouncer and not connection.in_transaction()
     if own_transaction:
         connection.begin()
@@ -223,10 +227,6 @@ def migration_session(connection: Connection, settings: DatabaseSettings) -> Ite
             connection.rollback()
         if not local:
             _restore_session(connection, previous, unlock=settings.migration_lock)
-{% else %}
-    yield
-{% endif %}
-{% if cookiecutter.database == "postgresql" %}
 
 
 def _take_migration_lock(connection: Connection, settings: DatabaseSettings, *, local: bool) -> None:

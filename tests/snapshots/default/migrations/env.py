@@ -51,7 +51,7 @@ def run_migrations_offline() -> None:
 
 
 def do_run_migrations(connection: Connection) -> None:
-    """Run the migrations on `connection`, inside the migration session."""
+    """Run the migrations on `connection`, holding the migration lock and limits."""
     try:
         with migrate.migration_session(connection, settings):
             context.configure(connection=connection, **OPTIONS)
