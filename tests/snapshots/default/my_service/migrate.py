@@ -129,7 +129,9 @@ async def connect(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncItera
     """engine.connect(), with one readable line when the database cannot be reached."""
     try:
         connection = await engine.connect()
-    except (OSError, TimeoutError, DBAPIError) as exc:
+    except Exception as exc:
+        # Whatever fails here failed to connect: refused, timed out, rejected
+        # (SQLAlchemy 2.0 lets some driver errors through unwrapped).
         raise CommandError(describe_connect_error(exc, settings)) from exc
     try:
         yield connection
