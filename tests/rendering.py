@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -63,6 +64,14 @@ def downgrade() -> None:
 def render(output_dir: Path, template: Path = TEMPLATE, **answers: str) -> Path:
     """Render the template with `answers` (defaults for the rest); the project's path."""
     return Path(cookiecutter(str(template), no_input=True, extra_context=answers, output_dir=str(output_dir)))
+
+
+def readme_block(readme: Path, marker: str) -> list[str]:
+    """The lines of the ```bash block that follows `<!-- marker` in `readme`."""
+    text = readme.read_text()
+    match = re.search(rf"<!-- {marker}[^\n]*-->\n```bash\n(.*?)\n```", text, re.DOTALL)
+    assert match, f"{readme.name} has no `<!-- {marker} ... -->` bash block"
+    return [line.strip() for line in match[1].splitlines() if line.strip()]
 
 
 @dataclass

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-from rendering import TEMPLATE
-
-
-def readme_block(marker: str) -> str:
-    """The ```bash block after `<!-- marker` in README.md (what .ci/run extracts too)."""
-    readme = (TEMPLATE / "README.md").read_text()
-    match = re.search(rf"<!-- {marker}.*?-->\s*```bash\n(.*?)```", readme, re.S)
-    assert match, f"README.md has no {marker} block"
-    return match.group(1).strip()
+from rendering import TEMPLATE, readme_block
 
 
 def test_quick_start_renders_sqlite_and_migrates(tmp_path: Path) -> None:
-    command = readme_block("quick-start").replace("gh:<org>/<this-repo>", str(TEMPLATE))
+    (command,) = readme_block(TEMPLATE / "README.md", "quick-start")
+    command = command.replace("gh:<org>/<this-repo>", str(TEMPLATE))
     subprocess.run([sys.executable, "-m", "venv", tmp_path / "venv"], check=True)
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", f". {tmp_path}/venv/bin/activate && {command}"],
