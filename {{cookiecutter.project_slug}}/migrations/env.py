@@ -5,6 +5,7 @@ Online mode runs on a connection handed in as config.attributes["connection"]
 (a Connection, AsyncConnection or AsyncEngine), or on an engine of its own.
 """
 
+import gc
 from logging.config import fileConfig
 
 from alembic import context
@@ -18,6 +19,12 @@ from {{ cookiecutter.package_name }}.database import connect_args
 from {{ cookiecutter.package_name }}.models import Base
 
 config = context.config
+
+if config.cmd_opts is not None:
+    # The `alembic` command is a short-lived process: spare the garbage collector
+    # from scanning, again and again, the objects the imports made (about a third
+    # of a 200-revision run). Not when an application calls Alembic: it lives on.
+    gc.freeze()
 
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
     # Leave the loggers of an application that runs the migrations alone.
