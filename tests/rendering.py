@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -64,6 +65,18 @@ def downgrade() -> None:
 def render(output_dir: Path, template: Path = TEMPLATE, **answers: str) -> Path:
     """Render the template with `answers` (defaults for the rest); the project's path."""
     return Path(cookiecutter(str(template), no_input=True, extra_context=answers, output_dir=str(output_dir)))
+
+
+def copy_template(destination: Path) -> Path:
+    """A copy of the template alone (no tests, benchmarks, caches or git), to change freely."""
+    ignore = shutil.ignore_patterns(".git", ".venv*", "tests", "bench", "__pycache__", ".*_cache")
+    shutil.copytree(TEMPLATE, destination, ignore=ignore)
+    return destination
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every file under `root`, by its relative path."""
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*") if path.is_file()}
 
 
 def readme_block(readme: Path, marker: str) -> list[str]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from cookiecutter.exceptions import FailedHookException
 
-from rendering import TEMPLATE, render
+from rendering import copy_template, render
 
 SLUG_DIR = "{{cookiecutter.project_slug}}"
 
@@ -57,7 +56,7 @@ def test_good_answers_render(tmp_path: Path, answers: dict[str, str]) -> None:
 def template_copy_with(tmp_path: Path, name: str, content: str) -> Path:
     """A copy of the template whose rendered project gains one extra file."""
     copy = tmp_path / "template"
-    shutil.copytree(TEMPLATE, copy, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "__pycache__"))
+    copy_template(copy)
     (copy / SLUG_DIR / name).write_text(content)
     return copy
 

@@ -16,15 +16,10 @@ import os
 import shutil
 from pathlib import Path
 
-from rendering import render
+from rendering import files_under, render
 
 SNAPSHOT = Path(__file__).resolve().parent / "snapshots" / "default"
 REFRESH = "UPDATE_SNAPSHOTS=1 python -m pytest tests/test_snapshot.py"
-
-
-def files_under(root: Path) -> dict[str, bytes]:
-    """Every file under `root` by its relative path."""
-    return {path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*") if path.is_file()}
 
 
 def write_snapshot(files: dict[str, bytes]) -> None:

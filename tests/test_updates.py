@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from rendering import TEMPLATE, Project, render
+from rendering import Project, copy_template, render
 
 SLUG_DIR = "{{cookiecutter.project_slug}}"
 # Non-default answers, so that a project re-rendered with the wrong ones shows it.
@@ -64,8 +63,7 @@ def commit_all(repo: Path, message: str) -> str:
 
 def template_repo(path: Path) -> tuple[Path, str]:
     """A git repository holding a copy of the template (as it is on disk); its commit."""
-    ignore = shutil.ignore_patterns(".git", ".venv", "tests", "bench", "__pycache__", ".*_cache")
-    shutil.copytree(TEMPLATE, path, ignore=ignore)
+    copy_template(path)
     run("git", "init", "-q", "-b", "main", cwd=path)
     return path, commit_all(path, "A")
 
