@@ -142,7 +142,12 @@ async def connect(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncItera
 def offline_session_sql(settings: DatabaseSettings) -> list[str]:
     """The session limits as SQL, for scripts written with --sql and applied by hand."""
     limits = {"lock_timeout": settings.lock_timeout, "statement_timeout": settings.statement_timeout}
-    return [f"SET {name} = '{value.replace(chr(39), chr(39) * 2)}'" for name, value in limits.items()]
+    return [f"SET {name} = '{quote_literal(value)}'" for name, value in limits.items()]
+
+
+def quote_literal(value: str) -> str:
+    """`value` made safe inside an SQL string literal."""
+    return value.replace("'", "''")
 
 
 def migration_failed(exc: DBAPIError, config: Config) -> CommandError:
