@@ -113,3 +113,14 @@ def test_mysql_failing_revision_keeps_earlier_ddl_and_says_so(tmp_path: Path, my
     # The half-applied state a user must clean up by hand.
     assert {"thing", "first_step"} <= mysql.tables(url)
     assert mysql.execute("SELECT version_num FROM alembic_version", database=url.database) == [("0001",)]
+
+
+def test_sqlite_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
+    project = make_project(tmp_path, database="sqlite")
+    missing_dir = tmp_path / "no-such-dir" / "app.db"
+    result = project.cli("current", env={"DATABASE_URL": f"sqlite:///{missing_dir}"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED:")]
+    assert failed == [
+        f"FAILED: cannot open SQLite database {missing_dir}: unable to open database file; check DATABASE_URL"
+    ]
