@@ -9,12 +9,19 @@ Every database variable starts with {{ cookiecutter.env_prefix }}DATABASE_.
 from __future__ import annotations
 
 import os
+{% if cookiecutter.database == "postgresql" %}
+import re
+{% endif %}
 {% if cookiecutter.database == "sqlite" %}
 from pathlib import Path
 {% endif %}
 from typing import Self
 
+{% if cookiecutter.database == "postgresql" %}
+from pydantic import PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
+{% else %}
 from pydantic import PrivateAttr, SecretStr, ValidationError, model_validator
+{% endif %}
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -34,7 +41,9 @@ EXAMPLE_URL = "postgresql://user:password@localhost:5432/dbname"
 SSL_PARAMS = {"sslmode": "ssl"}
 # URL query parameters that reach asyncpg intact; anything else is an error
 # here rather than a TypeError deep inside the driver.
-DRIVER_PARAMS = frozenset({"ssl", "direct_tls", "target_session_attrs"})
+DRIVER_PARAMS = frozenset({"ssl", "target_session_attrs"})
+# A PostgreSQL duration, as lock_timeout and statement_timeout take it.
+DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
 {% elif cookiecutter.database == "mysql" %}
 ASYNC_DRIVER = "mysql+asyncmy"
 # What tools that need a synchronous driver get from sync_url().
@@ -110,6 +119,15 @@ class DatabaseSettings(BaseSettings):
 {% endif %}
 
     _url: URL = PrivateAttr()
+{% if cookiecutter.database == "postgresql" %}
+
+    @field_validator("lock_timeout", "statement_timeout", "migration_lock_timeout")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if not DURATION.fullmatch(value.strip()):
+            raise ValueError("expected a duration like 500ms, 5s, 2min or 0")
+        return value.strip()
+{% endif %}
 
     @model_validator(mode="after")
     def _build_url(self) -> Self:
