@@ -112,7 +112,9 @@ class Server:
 
         thread = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
         thread.start()
-        started.wait(30)
+        if not started.wait(30):
+            release.set()
+            raise TimeoutError(f"the holding session never got through {statements}")
         if failed:
             raise failed[0]
         try:
@@ -140,6 +142,11 @@ class SQLiteFiles:
 
     def create_database(self, user: str | None = None, password: str | None = None) -> URL:
         return URL.create("sqlite", database=str(self.directory / f"t_{secrets.token_hex(6)}.db"))
+
+    def execute(self, statement: str, database: str) -> list[tuple]:
+        """Run one statement on the database file; its rows."""
+        with contextlib.closing(sqlite3.connect(database)) as connection:
+            return connection.execute(statement).fetchall()
 
     def tables(self, url: URL) -> set[str]:
         if not Path(url.database).exists():

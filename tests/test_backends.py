@@ -8,22 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from alembic import command
 
 from conftest import make_project, url_string
-from servers import Server
-
-COLOUR_MODEL = """
-from sqlalchemy import String
-from sqlalchemy.orm import Mapped, mapped_column
-
-
-class Thing(Base):
-    __tablename__ = "thing"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(100))
-"""
+from rendering import THING_MODEL
+from servers import Server, SQLiteFiles
 
 
 def columns(database: Path, table: str) -> dict[str, tuple]:
@@ -64,7 +54,7 @@ def test_sqlite_autogenerate_alters_columns_in_batch(tmp_path: Path, monkeypatch
     project = make_project(tmp_path, database="sqlite")
     database = tmp_path / "app.db"
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{database}")
-    project.add_model(COLOUR_MODEL)
+    project.add_model(THING_MODEL)
     models = project.path / project.package / "models.py"
     with project.activated():
         config = project.config()
@@ -91,11 +81,14 @@ def test_sqlite_autogenerate_alters_columns_in_batch(tmp_path: Path, monkeypatch
         command.downgrade(config, "base")
 
 
-def test_mysql_failing_revision_keeps_earlier_ddl_and_says_so(tmp_path: Path, mysql: Server) -> None:
-    """MySQL commits DDL implicitly: what ran before the failure stays, and FAILED: says so."""
-    project = make_project(tmp_path, database="mysql")
+@pytest.mark.parametrize("database", ["mysql", "sqlite"])
+def test_failing_revision_keeps_earlier_ddl_and_says_so(tmp_path: Path, request, database: str) -> None:
+    """MySQL commits DDL implicitly, Alembic runs SQLite's outside a transaction: what ran
+    before the failure stays, and FAILED: says so instead of promising a rollback."""
+    server: Server | SQLiteFiles = request.getfixturevalue("mysql") if database == "mysql" else SQLiteFiles(tmp_path)
+    project = make_project(tmp_path / "render", database=database)
     project.add_thing()
-    url = mysql.create_database()
+    url = server.create_database()
     (project.path / "migrations" / "versions" / "0002_two_steps.py").write_text(
         '"""two steps"""\n\nimport sqlalchemy as sa\nfrom alembic import op\n\n'
         'revision = "0002"\ndown_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n\n'
@@ -111,8 +104,8 @@ def test_mysql_failing_revision_keeps_earlier_ddl_and_says_so(tmp_path: Path, my
     assert len(failed) == 1, result.stdout + result.stderr
     assert "0002_two_steps.py failed" in failed[0] and "stay applied" in failed[0]
     # The half-applied state a user must clean up by hand.
-    assert {"thing", "first_step"} <= mysql.tables(url)
-    assert mysql.execute("SELECT version_num FROM alembic_version", database=url.database) == [("0001",)]
+    assert {"thing", "first_step"} <= server.tables(url)
+    assert server.execute("SELECT version_num FROM alembic_version", database=url.database) == [("0001",)]
 
 
 def test_sqlite_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:

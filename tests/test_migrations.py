@@ -7,6 +7,7 @@ nothing; the CLI runs check what a user sees on the terminal.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from urllib.parse import quote
 import pytest
 from alembic import command
 from alembic.util import CommandError
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from conftest import component_variables, make_project, url_string
 from rendering import Project
@@ -112,6 +115,25 @@ def test_wrong_password_is_one_line_without_the_password(backend, backend_projec
     assert quote(wrong, safe="") not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(
+    ("wrong", "named"),
+    [
+        pytest.param("name", "DATABASE_NAME", id="database-missing"),
+        pytest.param("password", "DATABASE_USER and DATABASE_PASSWORD", id="password-wrong"),
+        pytest.param("port", "DATABASE_HOST and DATABASE_PORT", id="port-closed"),
+    ],
+)
+def test_connect_errors_name_the_variable_to_fix(backend, backend_project: Project, wrong: str, named: str) -> None:
+    if isinstance(backend, SQLiteFiles):
+        pytest.skip("SQLite has no server")
+    url = backend.create_database()
+    variables = component_variables(url)
+    variables[f"DATABASE_{wrong.upper()}"] = {"name": "no_such_db", "password": "wrong", "port": "1"}[wrong]
+    result = backend_project.cli("current", env=variables)
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED:")]
+    assert len(failed) == 1 and failed[0].endswith(f"check {named}"), result.stdout + result.stderr
+
+
 def test_missing_settings_name_the_variables(tmp_path) -> None:
     project = make_project(tmp_path, env_prefix="APP_")
     result = project.cli("upgrade", "head")
@@ -163,6 +185,7 @@ def test_async_connection_of_the_waiting_loop_is_refused_clearly(backend, backen
 
         if backend.backend == "sqlite":
             asyncio.run(run())  # aiosqlite binds no loop: it simply works
+            assert "thing" in backend.tables(url)
         else:
             with pytest.raises(CommandError, match=r"await upgrade_async\(connection=...\)"):
                 asyncio.run(run())
@@ -227,4 +250,36 @@ def test_prefixed_variables_drive_the_migration(postgres, tmp_path, monkeypatch)
         monkeypatch.setenv(name, value)
     with project.activated():
         command.upgrade(project.config(), "head")
+    assert "thing" in postgres.tables(url)
+
+
+def test_upgrade_from_an_app_leaves_its_logging_alone(backend, backend_project: Project, monkeypatch) -> None:
+    url = backend.create_database()
+    monkeypatch.setenv("DATABASE_URL", url_string(url))
+    root = logging.getLogger()
+    handler = logging.NullHandler()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.DEBUG)
+    with backend_project.activated():
+        backend_project.module("migrate").upgrade()
+    assert root.handlers == [handler] and root.level == logging.DEBUG
+
+
+def test_handed_in_connections_are_checked_by_type_not_by_url_options(postgres, project: Project) -> None:
+    url = postgres.create_database()
+    project.add_thing()
+    with project.activated():
+        config = project.config()
+        # A sync Engine is not a connection: say so, not "cannot connect".
+        config.attributes["connection"] = create_engine("sqlite://")
+        with pytest.raises(
+            CommandError, match=r"must be a Connection, an AsyncConnection or an AsyncEngine, not Engine"
+        ):
+            command.upgrade(config, "head")
+        # Driver options of the caller's engine are the caller's business.
+        engine = create_async_engine(
+            url.set(drivername="postgresql+asyncpg", query={"prepared_statement_cache_size": "10"})
+        )
+        config.attributes["connection"] = engine
+        command.upgrade(config, "head")
     assert "thing" in postgres.tables(url)

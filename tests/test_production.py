@@ -106,8 +106,11 @@ def failed_line(result: subprocess.CompletedProcess) -> str:
 
 
 def assert_no_password(*outputs: str) -> None:
+    # Raw, percent-encoded by hand, and as SQLAlchemy writes it into DATABASE_URL.
+    as_in_url = url_string(URL.create("postgresql", "u", SECRET, "h")).partition("u:")[2].rpartition("@h")[0]
     for output in outputs:
-        assert SECRET not in output and quote(SECRET, safe="") not in output
+        for form in (SECRET, quote(SECRET, safe=""), as_in_url):
+            assert form not in output
 
 
 # --- several replicas at once ---------------------------------------------------
@@ -120,22 +123,32 @@ def test_concurrent_upgrades_apply_each_revision_once(service: Service) -> None:
         """
 op.create_table("applied", sa.Column("revision", sa.String(10)))
 op.execute("INSERT INTO applied VALUES ('0002')")
-op.execute("SELECT pg_sleep(1.5)")  # long enough for every replica to arrive
 """,
     )
     service.add_revision("0003", "0002", "op.execute(\"INSERT INTO applied VALUES ('0003')\")")
-    replicas = [
-        subprocess.Popen(
-            [sys.executable, "-m", "alembic", "upgrade", "head"],
-            cwd=service.project.path,
-            env={"PATH": "/usr/bin:/bin", **service.env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(4)
-    ]
+    waiting = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        f" AND objid = {service.lock_key & 0xFFFFFFFF}"
+    )
+    # Hold the lock until all four replicas queue for it, so that they really race.
+    with service.server.holding(service.url.database, f"SELECT pg_advisory_lock({service.lock_key})"):
+        replicas = [
+            subprocess.Popen(
+                [sys.executable, "-m", "alembic", "upgrade", "head"],
+                cwd=service.project.path,
+                env={"PATH": "/usr/bin:/bin", **service.env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        deadline = time.monotonic() + 60
+        while service.query(waiting) != [(4,)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        queued = service.query(waiting)
     outputs = [replica.communicate(timeout=120) for replica in replicas]
+    assert queued == [(4,)], outputs
     assert [replica.returncode for replica in replicas] == [0, 0, 0, 0], outputs
     assert sorted(service.query("SELECT revision FROM applied")) == [("0002",), ("0003",)]
     assert service.version() == [("0003",)]
@@ -367,3 +380,20 @@ if os.environ.get("SLOW_MIGRATION"):
     assert service.tables() == set()
     assert service.alembic("upgrade", "head").returncode == 0
     assert service.version() == [("0002_killed",)]
+
+
+def test_autocommit_block_inside_one_transaction_is_a_clear_error(service: Service) -> None:
+    """PgBouncer mode runs everything in one transaction, where autocommit_block() cannot."""
+    service.add_revision(
+        "0002_index",
+        "0001",
+        """
+with op.get_context().autocommit_block():
+    op.create_index("ix_thing_name", "thing", ["name"], postgresql_concurrently=True)
+""",
+    )
+    line = failed_line(service.alembic("upgrade", "head", DATABASE_PGBOUNCER="true"))
+    assert "autocommit_block()" in line and "DATABASE_PGBOUNCER" in line and "direct" in line
+    assert service.tables() == set()
+    assert service.alembic("upgrade", "head").returncode == 0  # through a direct connection it works
+    assert service.version() == [("0002_index",)]

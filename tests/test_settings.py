@@ -87,7 +87,6 @@ def test_sources_in_priority_order(settings_module, database, in_empty_dir, monk
 def test_password_never_in_repr_or_str(settings_module, database, in_empty_dir, monkeypatch) -> None:
     monkeypatch.setenv("APP_DATABASE_URL", f"{database}://app:{quote(SECRET, safe='')}@h/db")
     settings = settings_module.load_settings()
-    monkeypatch.setenv("APP_DATABASE_URL", "")
     for text in (repr(settings), str(settings), str(settings.async_url()), repr(settings.async_url())):
         assert SECRET not in text and quote(SECRET, safe="") not in text
 
@@ -116,6 +115,17 @@ def test_invalid_values_are_named_not_echoed(
     message = str(caught.value)
     assert expected in message
     assert SECRET not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("database", ["postgresql"])
+@pytest.mark.parametrize("variable", ["LOCK_TIMEOUT", "STATEMENT_TIMEOUT", "MIGRATION_LOCK_TIMEOUT"])
+def test_durations_are_checked_before_they_reach_the_server(settings_module, in_empty_dir, monkeypatch, variable):
+    monkeypatch.setenv("APP_DATABASE_URL", "postgresql://u:p@h/db")
+    monkeypatch.setenv(f"APP_DATABASE_{variable}", "1 fortnight")
+    with pytest.raises(settings_module.SettingsError, match=f"APP_DATABASE_{variable}: expected a duration like"):
+        settings_module.load_settings()
+    monkeypatch.setenv(f"APP_DATABASE_{variable}", " 1500ms ")
+    assert getattr(settings_module.load_settings(), variable.lower()) == "1500ms"
 
 
 @pytest.mark.parametrize("database", SERVERS)

@@ -81,12 +81,16 @@ def _connect_reason(exc: BaseException, settings: DatabaseSettings) -> str:
 {% if cookiecutter.database != "sqlite" %}
 
 
+NO_SUCH_DATABASE = ("does not exist", "unknown", "to database")
+
+
 def _culprits(reason: str) -> tuple[str, ...]:
     """The settings that a connection failure points at."""
     lowered = reason.lower()
+    # 'database "x" does not exist', "Unknown database 'x'", "Access denied ... to database 'x'"
+    if "database" in lowered and any(words in lowered for words in NO_SUCH_DATABASE):
+        return ("name",)
     if any(word in lowered for word in ("password", "access denied", "authentication", "role")):
         return ("user", "password")
-    if "database" in lowered and ("does not exist" in lowered or "unknown database" in lowered):
-        return ("name",)
     return ("host", "port")
 {% endif %}

@@ -34,11 +34,8 @@ def describe_connect_error(exc: BaseException, settings: DatabaseSettings) -> st
     """One line that says what went wrong, where, and which variable to check."""
     url = settings.async_url()
     where = f"{url.host}:{url.port or ''}".rstrip(":")
-    reason = _reason(exc, settings)
-    if _is_auth_error(reason):
-        check = settings.variables("user", "password")
-    else:
-        check = settings.variables("host", "port")
+    reason = _connect_reason(exc, settings)
+    check = settings.variables(*_culprits(reason))
     message = f"cannot connect to the database at {where}: {reason}; check {check}"
     if url.password:
         # Drivers do not quote passwords, but a message must never leak one.
@@ -46,19 +43,33 @@ def describe_connect_error(exc: BaseException, settings: DatabaseSettings) -> st
     return message
 
 
-def _reason(exc: BaseException, settings: DatabaseSettings) -> str:
+def describe_error(exc: BaseException) -> str:
+    """The first line of a driver's message, without SQLAlchemy's wrapping."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    # Driver exceptions wrapped by SQLAlchemy read "<class '...'>: message".
+    text = str(exc).rpartition(">: ")[2].strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _connect_reason(exc: BaseException, settings: DatabaseSettings) -> str:
     if isinstance(exc, TimeoutError):
         # asyncio's TimeoutError carries no message of its own.
         return f"no answer within {settings.connect_timeout:g} s"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is the server running, and on this port?)"
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        exc = exc.orig
-    text = str(exc).strip() or type(exc).__name__
-    # Driver exceptions wrapped by SQLAlchemy read "<class '...'>: message".
-    return text.rpartition(">: ")[2].splitlines()[0]
+    return describe_error(exc)
 
 
-def _is_auth_error(reason: str) -> bool:
+NO_SUCH_DATABASE = ("does not exist", "unknown", "to database")
+
+
+def _culprits(reason: str) -> tuple[str, ...]:
+    """The settings that a connection failure points at."""
     lowered = reason.lower()
-    return "password" in lowered or "access denied" in lowered or "authentication" in lowered
+    # 'database "x" does not exist', "Unknown database 'x'", "Access denied ... to database 'x'"
+    if "database" in lowered and any(words in lowered for words in NO_SUCH_DATABASE):
+        return ("name",)
+    if any(word in lowered for word in ("password", "access denied", "authentication", "role")):
+        return ("user", "password")
+    return ("host", "port")

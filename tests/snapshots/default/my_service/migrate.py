@@ -22,7 +22,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .database import describe_connect_error
+from .database import describe_connect_error, describe_error
 from .settings import DatabaseSettings, SettingsError, env_var, load_settings
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -35,8 +35,14 @@ SET_CONFIG = text("SELECT current_setting(:name), set_config(:name, :value, :loc
 
 
 def alembic_config(path: str | Path = ALEMBIC_INI) -> Config:
-    """The project's Alembic configuration."""
-    return Config(str(path))
+    """The project's Alembic configuration, for use inside an application.
+
+    env.py leaves the application's logging as it is: alembic.ini's logging
+    sections are for the `alembic` command.
+    """
+    config = Config(str(path))
+    config.attributes["configure_logger"] = False
+    return config
 
 
 def upgrade(revision: str = "head", *, config: Config | None = None) -> None:
@@ -75,7 +81,13 @@ def settings_for(config: Config) -> DatabaseSettings:
     connectable = config.attributes.get("connection")
     overrides = {}
     if connectable is not None:
-        url = getattr(connectable, "engine", connectable).url
+        if not isinstance(connectable, Connection | AsyncConnection | AsyncEngine):
+            raise CommandError(
+                'config.attributes["connection"] must be a Connection, an AsyncConnection or an'
+                f" AsyncEngine, not {type(connectable).__name__}"
+            )
+        # Only the database it names matters: its driver options are the caller's business.
+        url = getattr(connectable, "engine", connectable).url.set(query={})
         overrides["url"] = url.render_as_string(hide_password=False)
     try:
         return load_settings(**overrides)
@@ -119,7 +131,10 @@ def run_coroutine(
 
 
 def driver_loop(connection: AsyncConnection) -> asyncio.AbstractEventLoop | None:
-    """The event loop the driver bound `connection` to (asyncpg and asyncmy do; aiosqlite does not)."""
+    """The event loop the driver bound `connection` to (asyncpg and asyncmy do; aiosqlite does not).
+
+    Both keep it as `_loop`; tests/test_migrations.py fails should that ever change.
+    """
     adapted = connection.sync_connection.connection.dbapi_connection
     return getattr(getattr(adapted, "driver_connection", None), "_loop", None)
 
@@ -160,9 +175,10 @@ def migration_failed(exc: DBAPIError, config: Config) -> CommandError:
         if path.parent == versions:
             revision = path.name
         traceback = traceback.tb_next
-    reason = str(exc.orig if exc.orig is not None else exc).rpartition(">: ")[2].splitlines()[0]
     outcome = "rolled back, the schema is as it was"
-    return CommandError(f"{revision} failed: {reason}; {outcome} (alembic --raiseerr shows the traceback)")
+    return CommandError(
+        f"{revision} failed: {describe_error(exc)}; {outcome} (alembic --raiseerr shows the traceback)"
+    )
 
 
 @contextmanager
@@ -184,34 +200,54 @@ def migration_session(connection: Connection, settings: DatabaseSettings) -> Ite
     if own_transaction:
         connection.begin()
     local = connection.in_transaction()
-    # lock_timeout also bounds the wait for the advisory lock: give that wait
-    # its own bound first, then the limits for the migrations themselves.
-    previous = _set_config(
-        connection,
-        {
-            "application_name": settings.application_name,
-            "lock_timeout": settings.migration_lock_timeout,
-            "statement_timeout": "0",
-        },
-        local=local,
-    )
-    if settings.migration_lock:
-        _take_migration_lock(connection, settings, local=local)
-    limits = {"lock_timeout": settings.lock_timeout, "statement_timeout": settings.statement_timeout}
-    _set_config(connection, limits, local=local)
-    if not local:
-        # The statements above began a transaction: end it, so that Alembic
-        # begins (and commits) its own.
-        connection.commit()
+    previous: dict[str, str] = {}
+    locked = False
     try:
+        # lock_timeout also bounds the wait for the advisory lock: give that wait
+        # its own bound first, then the limits for the migrations themselves.
+        previous = _set_config(
+            connection,
+            {
+                "application_name": settings.application_name,
+                "lock_timeout": settings.migration_lock_timeout,
+                "statement_timeout": "0",
+            },
+            local=local,
+        )
+        if settings.migration_lock:
+            _take_migration_lock(connection, settings, local=local)
+            locked = not local
+        limits = {"lock_timeout": settings.lock_timeout, "statement_timeout": settings.statement_timeout}
+        _set_config(connection, limits, local=local)
+        if not local:
+            # The statements above began a transaction: end it, so that Alembic
+            # begins (and commits) its own.
+            connection.commit()
         yield
         if own_transaction:
             connection.commit()
+    except AssertionError as exc:
+        if local and _raised_in(exc, "autocommit_block"):
+            raise CommandError(
+                "a revision uses autocommit_block(), which cannot run inside one transaction"
+                f" ({env_var('pgbouncer')} or a caller's transaction): run it through a direct"
+                " connection"
+            ) from exc
+        raise
     finally:
         if own_transaction and connection.in_transaction():
             connection.rollback()
         if not local:
-            _restore_session(connection, previous, unlock=settings.migration_lock)
+            _restore_session(connection, previous, unlock=locked)
+
+
+def _raised_in(exc: BaseException, function: str) -> bool:
+    traceback = exc.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_code.co_name == function:
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def _take_migration_lock(connection: Connection, settings: DatabaseSettings, *, local: bool) -> None:

@@ -9,9 +9,10 @@ Every database variable starts with DATABASE_.
 from __future__ import annotations
 
 import os
+import re
 from typing import Self
 
-from pydantic import PrivateAttr, SecretStr, ValidationError, model_validator
+from pydantic import PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -30,7 +31,9 @@ EXAMPLE_URL = "postgresql://user:password@localhost:5432/dbname"
 SSL_PARAMS = {"sslmode": "ssl"}
 # URL query parameters that reach asyncpg intact; anything else is an error
 # here rather than a TypeError deep inside the driver.
-DRIVER_PARAMS = frozenset({"ssl", "direct_tls", "target_session_attrs"})
+DRIVER_PARAMS = frozenset({"ssl", "target_session_attrs"})
+# A PostgreSQL duration, as lock_timeout and statement_timeout take it.
+DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
 
 
 class SettingsError(ValueError):
@@ -81,6 +84,13 @@ class DatabaseSettings(BaseSettings):
     application_name: str = "my-service-migrations"
 
     _url: URL = PrivateAttr()
+
+    @field_validator("lock_timeout", "statement_timeout", "migration_lock_timeout")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if not DURATION.fullmatch(value.strip()):
+            raise ValueError("expected a duration like 500ms, 5s, 2min or 0")
+        return value.strip()
 
     @model_validator(mode="after")
     def _build_url(self) -> Self:
