@@ -22,23 +22,20 @@ VARIABLE_REFERENCE = r"\bcookiecutter\.(?:" + "|".join(map(re.escape, VARIABLES)
 JINJA_MARKERS = re.compile("|".join([*map(re.escape, OPENERS), VARIABLE_REFERENCE]))
 # GitHub Actions expressions (a dollar sign, then two braces) are meant to survive rendering.
 GITHUB_EXPRESSION = re.compile(r"\$\{" + r"\{")
-# scheme://user:password@host
-CREDENTIAL_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://(?P<user>[^\s:/@'\"]+):(?P<password>[^\s/@'\"]+)@[^\s/'\"]")
-# What documentation may show in place of a password.
-PLACEHOLDER_PASSWORD = re.compile(r"(?i)password|change_?me|\*+|<[^>]*>|\$\{[^}]*\}|\{[^}]*\}")
+# scheme://user:password@host, the user possibly empty (redis://:password@host)
+CREDENTIAL_URL = re.compile(
+    r"\b[a-z][a-z0-9+.-]*://(?P<user>[^\s:/@'\"]*):(?P<password>[^\s@'\"]+)@[^\s/'\"]", re.IGNORECASE
+)
+# What documentation may show in place of a password: a placeholder word, stars, <...>,
+# or a bare variable reference (${VAR}, not ${VAR:-default}, whose default is a value).
+PLACEHOLDER_PASSWORD = re.compile(r"(?i)password|change_?me|\*+|<[^>]*>|\$\{\w+\}|\{\w+\}")
 # Where the answers are recorded on purpose (for cruft and re-rendering).
 ANSWER_FILES = {".cookiecutter.json", ".cruft.json"}
-TEXT_SUFFIXES = {".py", ".ini", ".toml", ".md", ".txt", ".cfg", ".mako", ".yml", ".yaml", ".json", ""}
 
 
 def project_files(root: Path) -> list[Path]:
-    return sorted(
-        path
-        for path in root.rglob("*")
-        if path.is_file()
-        and "__pycache__" not in path.parts
-        and (path.suffix in TEXT_SUFFIXES or path.name.startswith("."))
-    )
+    """Every file of the project (binary ones are skipped when read)."""
+    return sorted(path for path in root.rglob("*") if path.is_file() and "__pycache__" not in path.parts)
 
 
 def check_alembic_ini(path: Path) -> list[str]:
@@ -47,11 +44,9 @@ def check_alembic_ini(path: Path) -> list[str]:
     parser.read(path, encoding="utf-8")
     url = parser.get("alembic", "sqlalchemy.url", fallback="").strip()
     if url:
-        line = next(
-            number
-            for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-            if text.strip().startswith("sqlalchemy.url")
-        )
+        # ConfigParser ignores the key's case; so does the search for its line.
+        lines = path.read_text(encoding="utf-8").lower().splitlines()
+        line = next((n for n, text in enumerate(lines, 1) if text.strip().startswith("sqlalchemy.url")), "?")
         return [f"{path.name}:{line}: sqlalchemy.url is set; the URL must come from the settings"]
     return []
 

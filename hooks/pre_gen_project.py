@@ -22,7 +22,10 @@ PACKAGE = re.compile(r"[a-z_][a-z0-9_]*")
 PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9_]*_)?")
 # Names the rendered project imports or has a directory of: a package named
 # like one of them would shadow it.
-TAKEN = {"alembic", "sqlalchemy", "pydantic", "pydantic_settings", "migrations", "tests"}
+TAKEN = {
+    "alembic", "sqlalchemy", "pydantic", "pydantic_settings", "asyncpg", "asyncmy", "aiosqlite",
+    "greenlet", "mako", "pytest", "migrations", "tests",
+}  # fmt: skip
 
 
 def check_project_slug(slug: str) -> str | None:
