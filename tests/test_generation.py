@@ -102,7 +102,7 @@ def switched_off(answers: Answers, option: str) -> Answers:
 
 
 def combination_id(answers: Answers) -> str:
-    """Readable ids: postgresql-APP_-lint-gha; an empty prefix and a 'n' leave no part."""
+    """Readable ids: postgresql-APP_-gha-lint; an empty prefix and a 'n' leave no part."""
     parts = []
     for name, value in answers.items():
         if name in FREE_TEXT or not is_toggle(value):

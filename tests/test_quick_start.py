@@ -12,12 +12,14 @@ from rendering import TEMPLATE, readme_block
 def test_quick_start_renders_sqlite_and_migrates(tmp_path: Path) -> None:
     (command,) = readme_block(TEMPLATE / "README.md", "quick-start")
     command = command.replace("gh:<org>/<this-repo>", str(TEMPLATE))
-    subprocess.run([sys.executable, "-m", "venv", tmp_path / "venv"], check=True)
+    # Only a Python on the PATH: the command makes its own virtual environment.
+    python_only = f"{Path(sys.executable).parent}:/usr/bin:/bin"
     result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", f". {tmp_path}/venv/bin/activate && {command}"],
+        ["bash", "-euo", "pipefail", "-c", command],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+        env={"PATH": python_only, "HOME": str(Path.home())},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / ".venv" / "bin" / "alembic").is_file()
     assert (tmp_path / "my-service" / "my_service.sqlite3").is_file()
     assert "Context impl SQLiteImpl" in result.stderr

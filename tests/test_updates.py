@@ -3,7 +3,7 @@
 A copy of the template becomes a git repository (commit A). A project is generated
 from it, committed, and changed the way its team would (a model, a revision, a README
 section). The template then changes one rendered file (commit B): `cruft check` says
-the project is out of date, `cruft update -y` brings the change in and nothing else,
+the project is out of date, `cruft update --skip-apply-ask` brings the change in and nothing else,
 and `cruft check` says it is up to date. cruft re-runs both hooks on every update:
 this only works because they have no side effects.
 """

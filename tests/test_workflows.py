@@ -99,13 +99,14 @@ def test_template_workflow_is_hardened() -> None:
     assert_hardened(TEMPLATE / ".github" / "workflows" / "tests.yml")
 
 
-def test_template_workflow_runs_the_command_that_ci_run_runs() -> None:
+@pytest.mark.parametrize("marker", ["test-command", "lowest-versions-command"])
+def test_template_workflow_runs_the_commands_that_ci_run_runs(marker: str) -> None:
     # The very extraction .ci/run uses, so the three cannot drift apart.
     result = subprocess.run(
-        ["bash", ".ci/run", "--print", "test-command"], cwd=TEMPLATE, capture_output=True, text=True, check=True
+        ["bash", ".ci/run", "--print", marker], cwd=TEMPLATE, capture_output=True, text=True, check=True
     )
     command = result.stdout.strip()
-    assert command and command == " ".join(readme_block(TEMPLATE / "README.md", "test-command"))
+    assert command and command == " ".join(readme_block(TEMPLATE / "README.md", marker))
     workflow = load(TEMPLATE / ".github" / "workflows" / "tests.yml")
     assert command in run_lines(workflow)
 
