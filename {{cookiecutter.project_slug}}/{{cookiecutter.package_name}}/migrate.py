@@ -8,6 +8,9 @@ a connection you already hold.
 from __future__ import annotations
 
 import asyncio
+{% if cookiecutter.database == "sqlite" %}
+import threading
+{% endif %}
 {% if cookiecutter.database == "postgresql" %}
 import zlib
 {% endif %}
@@ -159,6 +162,9 @@ async def connect(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncItera
     try:
         connection = await engine.connect()
     except Exception as exc:
+{% if cookiecutter.database == "sqlite" %}
+        await _aiosqlite_workers_stopped()
+{% endif %}
         # Whatever fails here failed to connect: refused, timed out, rejected
         # (SQLAlchemy 2.0 lets some driver errors through unwrapped).
         raise CommandError(describe_connect_error(exc, settings)) from exc
@@ -168,6 +174,20 @@ async def connect(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncItera
         await connection.close()
 
 
+{% if cookiecutter.database == "sqlite" %}
+async def _aiosqlite_workers_stopped() -> None:
+    """Keep the loop open until aiosqlite's worker threads have stopped.
+
+    After a failed connect, aiosqlite's worker thread still answers a stop request
+    through the event loop; were asyncio.run() to close the loop first, the thread
+    would print a traceback under our one-line error.
+    """
+    for thread in threading.enumerate():
+        if thread.name.endswith("(_connection_worker_thread)"):
+            await asyncio.to_thread(thread.join, 1.0)
+
+
+{% endif %}
 {% if cookiecutter.database == "postgresql" %}
 def offline_session_sql(settings: DatabaseSettings) -> list[str]:
     """The session limits as SQL, for scripts written with --sql and applied by hand."""
