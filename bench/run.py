@@ -33,6 +33,7 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from rendering import subprocess_env  # noqa: E402  (the test suite's helper)
 from servers import postgres_cluster  # noqa: E402  (the test suite's throwaway cluster)
 
 REVISION = '''"""bench {number}"""
@@ -73,12 +74,6 @@ class Row:
     @property
     def ratio(self) -> float | None:
         return self.ours / self.baseline if self.baseline else None
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The machine's environment without database settings, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if "DATABASE_" not in k and not k.startswith("PYTEST_")}
-    return {**env, **extra}
 
 
 def cpu_of_children() -> float:
@@ -181,8 +176,8 @@ def migration_rows(template: Path, work: Path, revisions: int, repeat: int) -> l
 
         medians = interleaved(
             {
-                "ours": one_pass(ours, clean_env(DATABASE_URL=f"postgresql://{where}")),
-                "stock": one_pass(stock, clean_env()),
+                "ours": one_pass(ours, subprocess_env(DATABASE_URL=f"postgresql://{where}")),
+                "stock": one_pass(stock, subprocess_env()),
             },
             repeat,
         )
@@ -201,13 +196,13 @@ def render_rows(template: Path, work: Path, repeat: int) -> list[Row]:
     def cookiecutter() -> Figures:
         output = work / f"render-{next(counter)}"
         return {"render": timed([sys.executable, "-m", "cookiecutter", "--no-input", "-o", str(output), str(template)],
-                                work, clean_env())}  # fmt: skip
+                                work, subprocess_env())}  # fmt: skip
 
     def alembic_init() -> Figures:
         directory = work / f"init-{next(counter)}"
         directory.mkdir()
         return {"render": timed([sys.executable, "-m", "alembic", "init", "-t", "async", "migrations"],
-                                directory, clean_env())}  # fmt: skip
+                                directory, subprocess_env())}  # fmt: skip
 
     medians = interleaved({"ours": cookiecutter, "stock": alembic_init}, repeat)
     return [ratio_row("render: cookiecutter --no-input / alembic init -t async", medians, "render", 1.5)]
@@ -217,7 +212,7 @@ def suite_row() -> Row:
     """The template's whole test suite as the README runs it, database start included."""
     args = [sys.executable, "-m", "pytest", "-n", "2", "-q", "-p", "no:cacheprovider"]
     start = time.perf_counter()
-    result = subprocess.run(args, cwd=ROOT, env=clean_env(), capture_output=True, text=True)
+    result = subprocess.run(args, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     summary = result.stdout.strip().splitlines()[-1].strip("= ") if result.stdout.strip() else "no output"
     # A failing test does not stop the benchmark, but the row says so.

@@ -67,6 +67,13 @@ def render(output_dir: Path, template: Path = TEMPLATE, **answers: str) -> Path:
     return Path(cookiecutter(str(template), no_input=True, extra_context=answers, output_dir=str(output_dir)))
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess: no database settings of this machine, and no
+    pytest variables (a nested pytest must not think it is this one), plus `extra`."""
+    inherited = {k: v for k, v in os.environ.items() if "DATABASE_" not in k and not k.startswith("PYTEST_")}
+    return {**inherited, **extra}
+
+
 def copy_template(destination: Path) -> Path:
     """A copy of the template alone (no tests, benchmarks, caches or git), to change freely."""
     ignore = shutil.ignore_patterns(".git", ".venv*", "tests", "bench", "__pycache__", ".*_cache")
@@ -134,12 +141,10 @@ class Project:
 
     def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         """`alembic ARGS` in a subprocess, in the project directory, with `env` added."""
-        environment = {k: v for k, v in os.environ.items() if "DATABASE_" not in k}
-        environment.update(env or {})
         return subprocess.run(
             [sys.executable, "-m", "alembic", *args],
             cwd=self.path,
-            env=environment,
+            env=subprocess_env(**(env or {})),
             capture_output=True,
             text=True,
             timeout=timeout,

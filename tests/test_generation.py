@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ import pytest
 from cookiecutter.prompt import prompt_for_config
 
 from conftest import make_project, url_string
-from rendering import TEMPLATE, Project, files_under, render
+from rendering import TEMPLATE, Project, files_under, render, subprocess_env
 
 Answers = dict[str, Any]
 
@@ -167,12 +166,10 @@ def ruff_problems(path: Path) -> list[str]:
 
 def run_rendered_suite(project: Project, database_url: str) -> subprocess.CompletedProcess:
     """`python -m pytest` inside the rendered project, as its developers run it."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and "DATABASE_" not in k}
-    environment["TEST_DATABASE_URL"] = database_url
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs"],
         cwd=project.path,
-        env=environment,
+        env=subprocess_env(TEST_DATABASE_URL=database_url),
         capture_output=True,
         text=True,
         timeout=600,

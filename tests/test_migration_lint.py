@@ -7,7 +7,6 @@ each revision file is read back from a JUnit report.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rendering import Project, render
+from rendering import Project, render, subprocess_env
 from servers import Server
 
 LINT_TEST = "tests/test_migration_lint.py"
@@ -48,11 +47,10 @@ class Verdict:
 def run_lint(project: Path) -> dict[str, Verdict]:
     """Run the rendered lint; its verdict on each revision, by file name."""
     report = project / "lint-report.xml"
-    environment = {k: v for k, v in os.environ.items() if "DATABASE_" not in k and not k.startswith("PYTEST_")}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", LINT_TEST, "-p", "no:cacheprovider", f"--junitxml={report}", "-q"],
         cwd=project,
-        env=environment,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
