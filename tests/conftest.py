@@ -13,15 +13,20 @@ from rendering import Project, render
 from servers import Server, SQLiteFiles, external_server, mariadb_server, postgres_cluster
 
 
+@pytest.fixture(scope="session")
+def no_secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("no-secrets")
+
+
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_environment(monkeypatch: pytest.MonkeyPatch, no_secrets: Path) -> None:
     """No settings leak in from the machine: each test sets what it means to."""
     for name in list(os.environ):
         if ("DATABASE_" in name or name.endswith("SECRETS_DIR")) and not name.startswith("TEST_"):
             monkeypatch.delenv(name)
-    # Secrets come only from directories the tests make.
-    monkeypatch.setenv("SECRETS_DIR", "/nonexistent")
-    monkeypatch.setenv("APP_SECRETS_DIR", "/nonexistent")
+    # Secrets come only from directories the tests make (an empty one otherwise).
+    monkeypatch.setenv("SECRETS_DIR", str(no_secrets))
+    monkeypatch.setenv("APP_SECRETS_DIR", str(no_secrets))
 
 
 @pytest.fixture(scope="session")

@@ -136,8 +136,8 @@ class Project:
 
     def engine(self, url: URL) -> AsyncEngine:
         """The AsyncEngine the rendered package builds for `url` (inside activated())."""
-        settings = self.module("settings").load_settings(url=url.render_as_string(hide_password=False))
-        return self.module("database").create_engine(settings)
+        settings = self.module("settings").DatabaseSettings.load(url=url.render_as_string(hide_password=False))
+        return self.module("database").engine_for(settings)
 
     def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         """`alembic ARGS` in a subprocess, in the project directory, with `env` added."""

@@ -17,8 +17,8 @@ from alembic.config import Config
 from sqlalchemy.pool import NullPool
 
 from {{ cookiecutter.package_name }} import migrate
-from {{ cookiecutter.package_name }}.database import create_engine
-from {{ cookiecutter.package_name }}.settings import load_settings
+from {{ cookiecutter.package_name }}.database import engine_for
+from {{ cookiecutter.package_name }}.settings import DatabaseSettings
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_database_url() -> str:
 @pytest.fixture
 def alembic_config(test_database_url: str) -> Iterator[Config]:
     """The project's Alembic config, handed an engine for the test database."""
-    engine = create_engine(load_settings(url=test_database_url), poolclass=NullPool)
+    engine = engine_for(DatabaseSettings.load(url=test_database_url), poolclass=NullPool)
     config = migrate.alembic_config()
     config.attributes["connection"] = engine
     config.attributes["configure_logger"] = False
