@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import URL
 
-from rendering import Project, render
+from rendering import Project, make_project
 from servers import Server, SQLiteFiles, external_server, mariadb_server, postgres_cluster
+from service import FLAVORS, SECRET, Service, use_stock_env
 
 
 @pytest.fixture(scope="session")
@@ -46,28 +46,6 @@ def mysql() -> Iterator[Server]:
 
 
 @pytest.fixture
-def pg_url(postgres: Server) -> URL:
-    """A fresh database owned by a fresh role (sync scheme, as users write it)."""
-    return postgres.create_database()
-
-
-def url_string(url: URL) -> str:
-    return url.render_as_string(hide_password=False)
-
-
-def component_variables(url: URL, prefix: str = "") -> dict[str, str]:
-    """The {prefix}DATABASE_HOST/_PORT/_USER/_PASSWORD/_NAME variables for `url`."""
-    parts = {"HOST": url.host, "PORT": url.port, "USER": url.username, "PASSWORD": url.password, "NAME": url.database}
-    return {f"{prefix}DATABASE_{name}": str(value) for name, value in parts.items()}
-
-
-def make_project(tmp_path: Path, **answers: str) -> Project:
-    path = render(tmp_path, **answers)
-    package = answers.get("package_name") or path.name.replace("-", "_")
-    return Project(path, package, answers.get("env_prefix", ""))
-
-
-@pytest.fixture
 def project(tmp_path: Path) -> Project:
     """The default render (PostgreSQL, no prefix)."""
     return make_project(tmp_path)
@@ -85,3 +63,16 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Server | SQLiteFi
 def backend_project(backend: Server | SQLiteFiles, tmp_path: Path) -> Project:
     """A render for the backend under test."""
     return make_project(tmp_path / "render", database=backend.backend)
+
+
+@pytest.fixture(params=FLAVORS)
+def service(request: pytest.FixtureRequest, tmp_path: Path, postgres: Server) -> Service:
+    """A PostgreSQL service with table "thing" (revision 0001); with AGAINST_STOCK=1 also on the stock env.py."""
+    project = make_project(tmp_path)
+    project.add_thing()
+    if request.param == "stock":
+        if marker := request.node.get_closest_marker("same_on_stock"):
+            pytest.skip("nothing to compare: " + marker.args[0])
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the stock async env.py"))
+        use_stock_env(project)
+    return Service(project, postgres, postgres.create_database(password=SECRET))

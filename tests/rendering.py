@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,17 +95,37 @@ def readme_block(readme: Path, marker: str) -> list[str]:
     return [line.strip() for line in match[1].splitlines() if line.strip()]
 
 
+def revision_source(revision: str, down: str | tuple[str, ...] | None, upgrade: str, downgrade: str = "pass") -> str:
+    """A revision file as `alembic revision` writes one, with `upgrade` and `downgrade` as the
+    bodies of its functions (`os`, `sa` and `op` imported)."""
+    return (
+        f'"""{revision}"""\n\nimport os\n\nimport sqlalchemy as sa\nfrom alembic import op\n\n'
+        f"revision = {revision!r}\ndown_revision = {down!r}\nbranch_labels = None\ndepends_on = None\n\n\n"
+        f"def upgrade() -> None:\n{textwrap.indent(textwrap.dedent(upgrade).strip(), '    ')}\n\n\n"
+        f"def downgrade() -> None:\n{textwrap.indent(textwrap.dedent(downgrade).strip(), '    ')}\n"
+    )
+
+
+def failed_line(result: subprocess.CompletedProcess) -> str:
+    """The one FAILED: line Alembic prints for a CommandError (and no traceback)."""
+    lines = [line for line in result.stdout.splitlines() if line.startswith("FAILED:")]
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    return lines[0]
+
+
+def make_project(tmp_path: Path, **answers: str) -> Project:
+    """A render with `answers` (defaults for the rest)."""
+    path = render(tmp_path, **answers)
+    return Project(path, answers.get("package_name") or path.name.replace("-", "_"))
+
+
 @dataclass
 class Project:
     """A rendered project, and Alembic run in it: in-process, or as the real CLI."""
 
     path: Path
     package: str
-    env_prefix: str = ""
-
-    def var(self, name: str) -> str:
-        """The env var for a settings field, e.g. var("URL") -> APP_DATABASE_URL."""
-        return f"{self.env_prefix}DATABASE_{name}"
 
     def config(self) -> Config:
         config = Config(str(self.path / "alembic.ini"))
@@ -154,6 +175,14 @@ class Project:
         """Append model code (with its own imports) to the rendered models.py."""
         models = self.path / self.package / "models.py"
         models.write_text(models.read_text() + "\n\n" + source.strip() + "\n")
+
+    def add_revision(
+        self, revision: str, down: str | tuple[str, ...] | None, upgrade: str, downgrade: str = "pass"
+    ) -> Path:
+        """migrations/versions/<revision>.py (see revision_source)."""
+        path = self.path / "migrations" / "versions" / f"{revision}.py"
+        path.write_text(revision_source(revision, down, upgrade, downgrade))
+        return path
 
     def add_thing(self, *, revision: bool = True) -> None:
         """The Thing model, and (unless revision=False) the revision that creates it."""

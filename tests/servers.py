@@ -156,6 +156,17 @@ class SQLiteFiles:
         return {row[0] for row in rows}
 
 
+def url_string(url: URL) -> str:
+    """`url` with its password, as users write it into DATABASE_URL."""
+    return url.render_as_string(hide_password=False)
+
+
+def component_variables(url: URL, prefix: str = "") -> dict[str, str]:
+    """The {prefix}DATABASE_HOST/_PORT/_USER/_PASSWORD/_NAME variables for `url`."""
+    parts = {"HOST": url.host, "PORT": url.port, "USER": url.username, "PASSWORD": url.password, "NAME": url.database}
+    return {f"{prefix}DATABASE_{name}": str(value) for name, value in parts.items()}
+
+
 def pg_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -280,6 +291,55 @@ def external_server(url: str) -> Iterator[Server]:
     parsed = make_url(url)
     backend = "mysql" if parsed.get_backend_name() in ("mysql", "mariadb") else "postgresql"
     yield Server(backend, parsed.set(drivername=backend))
+
+
+class SilentProxy:
+    """A TCP forwarder on a loopback port in front of `target_port`. After silence(), it
+    passes nothing more either way while keeping every connection open: a network
+    that went silent, as a client or a server behind a dead link sees it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.silent = threading.Event()
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self) -> None:
+        self.silent.set()
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if self.silent.is_set():
+                    return  # swallowed, and nothing more is read: the link is dead
+                sink.sendall(data)
+
+
+@contextlib.contextmanager
+def silent_proxy(target_port: int) -> Iterator[SilentProxy]:
+    proxy = SilentProxy(target_port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 @contextlib.contextmanager

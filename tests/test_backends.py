@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from alembic import command
 
-from conftest import make_project, url_string
-from rendering import THING_MODEL
-from servers import Server, SQLiteFiles
+from rendering import THING_MODEL, make_project
+from servers import Server, SQLiteFiles, url_string
 
 
 def columns(database: Path, table: str) -> dict[str, tuple]:

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from cookiecutter.prompt import prompt_for_config
 
-from conftest import make_project, url_string
-from rendering import TEMPLATE, Project, files_under, render, subprocess_env
+from rendering import TEMPLATE, Project, files_under, make_project, render, subprocess_env
+from servers import url_string
 
 Answers = dict[str, Any]
 

@@ -20,9 +20,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from conftest import component_variables, make_project, url_string
-from rendering import Project
-from servers import SQLiteFiles
+from rendering import Project, make_project
+from servers import SQLiteFiles, component_variables, url_string
 
 # Every character that breaks a URL or ConfigParser interpolation, and non-ASCII.
 SPECIAL_PASSWORD = "p%40ss%@:/#?+ wörd%%"
@@ -267,9 +266,7 @@ def test_handed_in_connections_are_checked_by_type_not_by_url_options(postgres, 
         config = project.config()
         # A sync Engine is not a connection: say so, not "cannot connect".
         config.attributes["connection"] = create_engine("sqlite://")
-        with pytest.raises(
-            CommandError, match=r"must be a Connection or an AsyncEngine, not Engine"
-        ):
+        with pytest.raises(CommandError, match=r"must be a Connection or an AsyncEngine, not Engine"):
             command.upgrade(config, "head")
         # Driver options of the caller's engine are the caller's business.
         engine = create_async_engine(

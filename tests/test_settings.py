@@ -13,7 +13,7 @@ import pytest
 from alembic.config import Config
 from sqlalchemy.engine import make_url
 
-from conftest import make_project
+from rendering import make_project
 
 SECRET = "s3cr%t@:/#?+ ü"
 

@@ -102,7 +102,7 @@ def test_template_update_reaches_a_generated_project(tmp_path: Path, generated_b
     # The team's repository, and their work in it.
     run("git", "init", "-q", "-b", "main", cwd=path)
     commit_all(path, "generated")
-    project = Project(path, "billing_api", ANSWERS["env_prefix"])
+    project = Project(path, "billing_api")
     project.add_thing()
     with (path / "README.md").open("a") as readme:
         readme.write("\n## Our runbook\n\nSomething the team wrote.\n")

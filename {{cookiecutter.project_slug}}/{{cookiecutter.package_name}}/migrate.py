@@ -325,7 +325,7 @@ class Revisions:
         info = info or self.running
         script = info.up_revision if info is not None else None
         if script is None:
-            return "a migration"
+            return "the migration"
         path = Path(script.path)
         return path.relative_to(PROJECT_DIR).as_posix() if path.is_relative_to(PROJECT_DIR) else str(path)
 

@@ -1,0 +1,496 @@
+"""Migrations a busy PostgreSQL does not notice, each fault made for real on loopback.
+
+One transaction per revision; short lock waits, retried with the revision rolled back in
+between; a migration lock that a replica waits for holding no snapshot; no lock left
+behind by a process that was stopped, or whose network went silent; the Python API under
+concurrency and cancellation. README.md ("In production") promises what these check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import pytest
+
+from rendering import failed_line
+from servers import pgbouncer, silent_proxy, url_string
+from service import Service, wait_for
+
+# Fast retries for the tests: the schedule is the production one, squeezed.
+QUICK = {"DATABASE_LOCK_TIMEOUT_FIRST": "50ms", "DATABASE_LOCK_TIMEOUT": "200ms"}
+
+
+def reader(table: str = "thing") -> list[str]:
+    """A report that has read `table` (and keeps its lock) until the `holding` block ends."""
+    return [
+        "SELECT set_config('application_name', 'monthly-report', false)",
+        f"SELECT count(*) FROM {table} WHERE id <> 12345678",
+    ]
+
+
+# An open snapshot older than the next write: CREATE INDEX CONCURRENTLY waits for it.
+OLD_SNAPSHOT = ["SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", "SELECT count(*) FROM thing"]
+
+
+def add_colour(service: Service, revision: str = "0002_colour", down: str = "0001", table: str = "thing") -> Path:
+    return service.add_revision(
+        revision,
+        down,
+        f'op.add_column("{table}", sa.Column("colour", sa.String(20)))',
+        downgrade=f'op.drop_column("{table}", "colour")',
+    )
+
+
+# --- one transaction per revision ----------------------------------------------------
+
+
+def test_failure_half_way_keeps_the_revisions_before_it(service: Service) -> None:
+    revision = service.add_revision(
+        "0002_half",
+        "0001",
+        """
+        op.create_table("half", sa.Column("id", sa.Integer))
+        op.execute("INSERT INTO half VALUES (1)")
+        op.execute("SELECT no_such_function()")
+        """,
+        downgrade='op.drop_table("half")',
+    )
+    line = failed_line(service.alembic("upgrade", "head"))
+    assert "migrations/versions/0002_half.py failed" in line and "no_such_function" in line
+    # The failing revision rolled back; 0001 committed before it and stays.
+    assert "it rolled back; the database is at 0001" in line
+    assert service.tables() == {"alembic_version", "thing"} and service.version() == [("0001",)]
+    revision.write_text(revision.read_text().replace('op.execute("SELECT no_such_function()")', ""))
+    assert service.alembic("upgrade", "head").returncode == 0
+    assert {"thing", "half"} <= service.tables() and service.version() == [("0002_half",)]
+
+
+def test_python_error_in_a_revision_is_one_line_naming_it(service: Service) -> None:
+    service.add_revision("0002_typo", "0001", 'op.add_column("thing", sa.Column("x", sa.Strin(20)))')
+    line = failed_line(service.alembic("upgrade", "head"))
+    assert "0002_typo.py failed: AttributeError: module 'sqlalchemy' has no attribute 'Strin'" in line
+    assert "the database is at 0001" in line and "--raiseerr" in line
+
+
+def test_statement_timeout_stops_a_runaway_revision(service: Service) -> None:
+    service.add_revision("0002_slow", "0001", 'op.execute("SELECT pg_sleep(10)")')
+    line = failed_line(service.alembic("upgrade", "head", DATABASE_STATEMENT_TIMEOUT="500ms"))
+    assert "0002_slow.py failed" in line and "statement timeout" in line and "the database is at 0001" in line
+    assert service.version() == [("0001",)]
+
+
+def test_connection_killed_mid_run_keeps_what_committed(service: Service, tmp_path: Path) -> None:
+    service.add_revision(
+        "0002_killed",
+        "0001",
+        """
+        op.create_table("killed", sa.Column("id", sa.Integer))
+        if os.environ.get("SLOW_MIGRATION"):
+            op.execute("SELECT pg_sleep(60)")
+        """,
+    )
+    log = tmp_path / "migration.log"
+    migration = service.start("upgrade", "head", log=log, SLOW_MIGRATION="1")
+    try:
+        terminate = (
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'my-service-migrations' AND query LIKE '%pg_sleep%'"
+        )
+        wait_for(lambda: service.query(terminate), "the migration to reach pg_sleep")
+        migration.wait(timeout=60)
+    finally:
+        migration.kill()
+    assert migration.returncode != 0
+    assert "0002_killed.py failed" in log.read_text()
+    assert service.tables() == {"alembic_version", "thing"} and service.version() == [("0001",)]
+    assert service.alembic("upgrade", "head").returncode == 0
+    assert service.version() == [("0002_killed",)]
+
+
+def test_a_revision_that_commits_on_its_own_cannot_fake_success(service: Service) -> None:
+    """`op.get_bind().commit()` inside a revision: the run ends where its log says."""
+    service.add_revision(
+        "0002_commits",
+        "0001",
+        """
+        op.create_table("before_commit", sa.Column("id", sa.Integer))
+        op.get_bind().commit()
+        op.create_table("after_commit", sa.Column("id", sa.Integer))
+        """,
+    )
+    service.add_revision("0003_last", "0002_commits", 'op.create_table("last", sa.Column("id", sa.Integer))')
+    result = service.alembic("upgrade", "head")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Running upgrade 0002_commits -> 0003_last" in result.stderr
+    assert service.version() == [("0003_last",)]
+    assert {"before_commit", "after_commit", "last"} <= service.tables()
+
+
+# --- short lock waits, retried -------------------------------------------------------
+
+
+def test_lock_retries_wait_out_a_reader(service: Service, tmp_path: Path) -> None:
+    assert service.alembic("upgrade", "head").returncode == 0
+    # So that the migration role sees how long other roles' transactions have been open.
+    service.server.execute(f'GRANT pg_read_all_stats TO "{service.url.username}"')
+    add_colour(service)
+    log = tmp_path / "migration.log"
+    with service.server.holding(service.url.database, *reader()):
+        migration = service.start("upgrade", "head", log=log, **QUICK)
+        wait_for(lambda: log.read_text().count("retrying in") >= 2, "two retries")
+    migration.wait(timeout=60)
+    output = log.read_text()
+    assert migration.returncode == 0, output
+    assert service.columns("thing") == ["id", "name", "colour"]
+    retries = [line for line in output.splitlines() if "lock timeout in migrations/versions/0002_colour.py" in line]
+    # One line per retry: revision, attempt, this attempt's timeout, who was in the way.
+    assert retries and "attempt 1 (lock_timeout 50ms)" in retries[0]
+    assert "blocked by pid" in retries[0] and "'monthly-report', transaction open" in retries[0]
+    assert "retrying in" in retries[0]
+    assert "12345678" not in output  # never a query's text: it may hold data
+
+
+def test_a_reader_that_never_lets_go_makes_the_revision_give_up_within_its_budget(service: Service) -> None:
+    assert service.alembic("upgrade", "head").returncode == 0
+    add_colour(service)
+    with service.server.holding(service.url.database, *reader()):
+        result = service.alembic("upgrade", "head", DATABASE_LOCK_RETRY_BUDGET="2s", timeout=60, **QUICK)
+        locked_after = service.locked_tables()
+    line = failed_line(result)
+    assert "migrations/versions/0002_colour.py failed" in line and "lock timeout" in line
+    assert "attempts in" in line and "DATABASE_LOCK_RETRY_BUDGET is 2s" in line
+    # Without pg_read_all_stats, other roles' sessions show no times: the line says how to see them.
+    assert "blocked by pid" in line and "'monthly-report', transaction open for: grant pg_read_all_stats" in line
+    assert "it rolled back; the database is at 0001" in line
+    assert "12345678" not in result.stdout + result.stderr
+    assert service.columns("thing") == ["id", "name"] and locked_after == set()
+    assert service.alembic("upgrade", "head").returncode == 0
+
+
+def test_retries_off_is_one_attempt_at_the_lock_timeout(service: Service) -> None:
+    assert service.alembic("upgrade", "head").returncode == 0
+    add_colour(service)
+    with service.server.holding(service.url.database, *reader()):
+        result = service.alembic(
+            "upgrade", "head", DATABASE_LOCK_RETRY_BUDGET="0", DATABASE_LOCK_TIMEOUT="300ms", timeout=30
+        )
+    line = failed_line(result)
+    assert "waited 300ms for a lock (DATABASE_LOCK_TIMEOUT)" in line and "'monthly-report'" in line
+    assert "retrying" not in result.stderr
+    assert service.version() == [("0001",)]
+
+
+def test_a_waiting_revision_holds_no_lock_of_the_revisions_before_it(service: Service, tmp_path: Path) -> None:
+    """Revision 2 altered `thing`; while revision 3 waits for `other`, `thing` is free."""
+    service.add_revision("0002_other", "0001", 'op.create_table("other", sa.Column("id", sa.Integer))')
+    assert service.alembic("upgrade", "head").returncode == 0
+    add_colour(service, "0003_colour", "0002_other")
+    service.add_revision("0004_other", "0003_colour", 'op.add_column("other", sa.Column("x", sa.Integer))')
+    log = tmp_path / "migration.log"
+    with service.server.holding(service.url.database, *reader(table="other")):
+        migration = service.start("upgrade", "head", log=log, DATABASE_LOCK_RETRY_BUDGET="20s", **QUICK)
+        try:
+            wait_for(lambda: "lock timeout in migrations/versions/0004_other.py" in log.read_text(), "a retry")
+            # The migration's sessions hold nothing on `thing` while they wait for `other`.
+            assert "thing" not in service.locked_tables()
+            assert service.version() == [("0003_colour",)]
+        finally:
+            migration.terminate()
+            migration.wait(timeout=30)
+    assert "colour" in service.columns("thing")
+
+
+@pytest.mark.parametrize(
+    ("start", "command", "expected"),
+    [
+        pytest.param("0001", ["upgrade", "+2"], "0003_c", id="upgrade-plus-2"),
+        pytest.param("head", ["downgrade", "-2"], "0002_b", id="downgrade-minus-2"),
+        pytest.param("0002_b", ["stamp", "0003_c"], "0003_c", id="stamp"),
+    ],
+)
+def test_a_retry_does_not_overshoot_a_relative_target(
+    service: Service, tmp_path: Path, start: str, command: list[str], expected: str
+) -> None:
+    """The second step waits and is retried; the run still ends where it would without that."""
+    touch = 'op.execute("SELECT FROM thing LIMIT 1")'
+    service.add_revision("0002_b", "0001", 'op.create_table("b", sa.Column("id", sa.Integer))', 'op.drop_table("b")')
+    service.add_revision("0003_c", "0002_b", touch, touch)  # this step waits for `thing`
+    service.add_revision("0004_d", "0003_c", 'op.create_table("d", sa.Column("id", sa.Integer))', 'op.drop_table("d")')
+    assert service.alembic("upgrade", start).returncode == 0
+    # A stamp only writes alembic_version: a lock that lets reads through makes it wait.
+    holder = "LOCK TABLE alembic_version IN EXCLUSIVE MODE" if command[0] == "stamp" else "LOCK TABLE thing"
+    log = tmp_path / "run.log"
+    with service.server.holding(service.url.database, holder):
+        migration = service.start(*command, log=log, **QUICK)
+        wait_for(lambda: "retrying in" in log.read_text(), "a retry")
+    migration.wait(timeout=60)
+    assert migration.returncode == 0, log.read_text()
+    assert service.version() == [(expected,)]
+
+
+# --- the migration lock cannot deadlock ---------------------------------------------
+
+
+def test_replica_arriving_during_create_index_concurrently_waits_then_finds_nothing(
+    service: Service, tmp_path: Path
+) -> None:
+    """CREATE INDEX CONCURRENTLY waits for every older snapshot: a replica waiting for the
+    migration lock must hold none, or the two deadlock."""
+    service.add_revision(
+        "0002_index",
+        "0001",
+        """
+        with op.get_context().autocommit_block():
+            op.create_index("ix_thing_name", "thing", ["name"], postgresql_concurrently=True)
+        """,
+        downgrade='op.drop_index("ix_thing_name", "thing")',
+    )
+    assert service.alembic("upgrade", "0001").returncode == 0
+    logs = {name: tmp_path / f"{name}.log" for name in ("first", "second")}
+    # An old snapshot keeps the index build of the first replica waiting for a while.
+    with service.server.holding(service.url.database, *OLD_SNAPSHOT):
+        service.query("INSERT INTO thing (id, name) VALUES (1, 'newer than the snapshot')")
+        first = service.start(
+            "upgrade", "head", log=logs["first"], DATABASE_LOCK_TIMEOUT="30s", DATABASE_LOCK_RETRY_BUDGET="0"
+        )
+        building = (
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'CREATE INDEX CONCURRENTLY%'"
+            " AND wait_event_type = 'Lock'"
+        )
+        wait_for(lambda: service.query(building) == [(1,)], "the index build to wait for the old snapshot")
+        second = service.start("upgrade", "head", log=logs["second"])
+        wait_for(lambda: "waiting for the migration lock" in logs["second"].read_text(), "the second replica")
+        # The second replica waits outside the server: no session of the migration but the
+        # index build sits in a lock wait (where it would keep a snapshot the build waits for).
+        waiting = [query for _, _, wait, query in service.migration_backends() if wait == "Lock"]
+        assert len(waiting) == 1 and waiting[0].startswith("CREATE INDEX CONCURRENTLY"), waiting
+        dba = service.alembic("current", timeout=30)  # a DBA's look does not wait either
+    for replica in (first, second):
+        replica.wait(timeout=60)
+    outputs = {name: log.read_text() for name, log in logs.items()}
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    assert dba.returncode == 0 and "0001" in dba.stdout
+    assert "Running upgrade" not in outputs["second"]
+    assert service.query("SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_thing_name'::regclass") == [(True,)]
+
+
+# --- autocommit_block(): what stays when it fails --------------------------------------
+
+
+def index_revision(service: Service, then: str = "") -> Path:
+    return service.add_revision(
+        "0002_index",
+        "0001",
+        f"""
+        op.create_table("before_the_block", sa.Column("id", sa.Integer))
+        with op.get_context().autocommit_block():
+            op.create_index("ix_thing_name", "thing", ["name"], postgresql_concurrently=True)
+        {then}
+        """,
+        downgrade='op.drop_index("ix_thing_name", "thing")\nop.drop_table("before_the_block")',
+    )
+
+
+def test_failed_index_build_leaves_no_invalid_index_and_is_retried(service: Service, tmp_path: Path) -> None:
+    """A CREATE INDEX CONCURRENTLY that times out waiting for an old snapshot leaves an INVALID
+    index: it is dropped (the drop waits for the snapshot, locking out no query of the
+    application), and the retry builds the index."""
+    service.add_revision(
+        "0002_index",
+        "0001",
+        """
+        with op.get_context().autocommit_block():
+            op.create_index("ix_thing_name", "thing", ["name"], postgresql_concurrently=True)
+        """,
+    )
+    assert service.alembic("upgrade", "0001").returncode == 0
+    log = tmp_path / "migration.log"
+    dropping = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'DROP INDEX CONCURRENTLY%'"
+    with service.server.holding(service.url.database, *OLD_SNAPSHOT):
+        service.query("INSERT INTO thing (id, name) VALUES (1, 'newer than the snapshot')")
+        migration = service.start("upgrade", "head", log=log, **QUICK)
+        wait_for(lambda: service.query(dropping) == [(1,)], "the INVALID index to be dropped")
+    migration.wait(timeout=60)
+    output = log.read_text()
+    assert migration.returncode == 0, output
+    assert "lock timeout in migrations/versions/0002_index.py" in output
+    assert service.query("SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_thing_name'::regclass") == [(True,)]
+
+
+def test_failed_index_build_that_gives_up_says_so_and_the_next_run_cleans_up(service: Service) -> None:
+    service.add_revision(
+        "0002_index",
+        "0001",
+        """
+        with op.get_context().autocommit_block():
+            op.create_index("ix_thing_name", "thing", ["name"], postgresql_concurrently=True)
+        """,
+    )
+    assert service.alembic("upgrade", "0001").returncode == 0
+    with service.server.holding(service.url.database, *OLD_SNAPSHOT):
+        service.query("INSERT INTO thing (id, name) VALUES (1, 'newer than the snapshot')")
+        result = service.alembic("upgrade", "head", DATABASE_LOCK_RETRY_BUDGET="1s", timeout=60, **QUICK)
+    line = failed_line(result)
+    assert "0002_index.py failed" in line and "the database is at 0001" in line
+    # The old snapshot kept even the drop waiting: the line says what is left.
+    assert "left the INVALID index public.ix_thing_name, which could not be dropped yet" in line
+    # Running it again (the snapshot is gone now) drops the leftover and builds the index.
+    result = service.alembic("upgrade", "head")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert service.query("SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_thing_name'::regclass") == [(True,)]
+
+
+def test_failure_after_an_autocommit_block_says_what_stays(service: Service) -> None:
+    index_revision(service, then='op.execute("SELECT no_such_function()")')
+    line = failed_line(service.alembic("upgrade", "head"))
+    assert "0002_index.py failed" in line and "no_such_function" in line
+    assert "made part of its work permanent (autocommit_block() or a commit() of its own), which stays" in line
+    assert "the database is at 0001" in line and "rolled back, the schema is as it was" not in line
+    # What it says is what is there: the table and the index from before and inside the block.
+    assert "before_the_block" in service.tables()
+    assert service.query("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_thing_name'") == [(1,)]
+
+
+# --- no orphaned locks -------------------------------------------------------------
+
+
+def slow_revision(service: Service) -> None:
+    service.add_revision(
+        "0002_slow",
+        "0001",
+        """
+        op.add_column("thing", sa.Column("colour", sa.String(20)))
+        op.execute("SELECT pg_sleep(60)")
+        """,
+    )
+
+
+def test_sigterm_cancels_the_statement_and_releases_every_lock(service: Service, tmp_path: Path) -> None:
+    slow_revision(service)
+    log = tmp_path / "migration.log"
+    migration = service.start("upgrade", "head", log=log)
+    sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+    wait_for(lambda: service.query(sleeping) == [(1,)], "the migration to reach pg_sleep")
+    assert "thing" in service.locked_tables()
+    migration.send_signal(signal.SIGTERM)  # what Docker and Kubernetes send
+    migration.wait(timeout=15)
+    assert migration.returncode != 0
+    assert "FAILED: stopped by SIGTERM" in log.read_text()
+    # Nothing of the migration is left in the server: no backend, no lock.
+    wait_for(lambda: not service.migration_backends(), "the migration's backends to end", timeout=10)
+    assert service.locked_tables() == set() and service.version() == [("0001",)]
+    assert service.columns("thing") == ["id", "name"]
+
+
+def test_a_client_killed_during_a_long_statement_leaves_no_locks(service: Service, tmp_path: Path) -> None:
+    """SIGKILL cannot be caught: the server notices the client is gone (client_connection_check_interval)."""
+    if int(service.server.execute("SHOW server_version_num")[0][0]) < 140000:
+        pytest.skip("client_connection_check_interval needs PostgreSQL 14")
+    slow_revision(service)
+    migration = service.start("upgrade", "head", log=tmp_path / "migration.log")
+    sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+    wait_for(lambda: service.query(sleeping) == [(1,)], "the migration to reach pg_sleep")
+    migration.kill()
+    migration.wait(timeout=15)
+    wait_for(lambda: "thing" not in service.locked_tables(), "the server to release the lock", timeout=20)
+    assert service.version() == [("0001",)]
+
+
+def test_a_client_whose_network_goes_silent_leaves_no_locks(service: Service, tmp_path: Path) -> None:
+    """Mid-revision the link goes dead: the backend, idle in its transaction, is ended."""
+    service.add_revision(
+        "0002_pause",
+        "0001",
+        """
+        op.add_column("thing", sa.Column("colour", sa.String(20)))
+        while not os.path.exists(os.environ["GO_ON"]):
+            time.sleep(0.05)
+        op.execute("SELECT 1")
+        """,
+    )
+    revision = service.project.path / "migrations" / "versions" / "0002_pause.py"
+    revision.write_text(revision.read_text().replace("import os\n", "import os\nimport time\n"))
+    go_on = tmp_path / "go-on"
+    with silent_proxy(service.url.port) as proxy:
+        migration = service.start(
+            "upgrade",
+            "head",
+            log=tmp_path / "migration.log",
+            DATABASE_URL=url_string(service.url.set(port=proxy.port)),
+            DATABASE_IDLE_IN_TRANSACTION_TIMEOUT="2s",
+            GO_ON=str(go_on),
+        )
+        try:
+            idle = "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'"
+            wait_for(lambda: "thing" in service.locked_tables(), "the migration to lock thing")
+            proxy.silence()
+            go_on.touch()  # the next statement goes nowhere
+            wait_for(lambda: service.query(idle) == [(1,)], "the backend to wait for its client")
+            wait_for(lambda: "thing" not in service.locked_tables(), "the server to end the backend", timeout=20)
+        finally:
+            migration.kill()
+            migration.wait(timeout=15)
+    assert service.version() == [("0001",)] and service.columns("thing") == ["id", "name"]
+
+
+# --- PgBouncer: one transaction per run ---------------------------------------------------
+
+
+def test_pgbouncer_mode_retries_the_whole_run(service: Service, tmp_path: Path) -> None:
+    assert service.alembic("upgrade", "head").returncode == 0
+    add_colour(service)
+    service.add_revision("0003_more", "0002_colour", 'op.create_table("more", sa.Column("id", sa.Integer))')
+    with pgbouncer(service.server, service.url) as bouncer_url:
+        through = {"DATABASE_URL": url_string(bouncer_url), "DATABASE_PGBOUNCER": "true", **QUICK}
+        log = tmp_path / "upgrade.log"
+        with service.server.holding(service.url.database, *reader()):
+            migration = service.start("upgrade", "head", log=log, **through)
+            wait_for(lambda: "retrying in" in log.read_text(), "a retry")
+        migration.wait(timeout=60)
+        assert migration.returncode == 0, log.read_text()
+        assert "lock timeout in migrations/versions/0002_colour.py" in log.read_text()
+        with service.server.holding(service.url.database, *reader()):
+            failed = service.alembic("downgrade", "0001", DATABASE_LOCK_RETRY_BUDGET="1s", timeout=60, **through)
+    assert service.version() == [("0003_more",)] and "more" in service.tables()
+    line = failed_line(failed)
+    # The downgrade of 0003 ran first, then 0002's waited: one transaction, all rolled back.
+    assert "0002_colour.py failed" in line and "the whole run rolled back" in line
+    assert "the database is at 0003_more" in line
+
+
+# --- the Python API under concurrency --------------------------------------------------
+
+
+def test_concurrent_upgrade_async_calls_take_turns(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", url_string(service.url))
+    add_colour(service)
+    with service.project.activated():
+        migrate = service.project.module("migrate")
+
+        async def three_at_once() -> None:
+            await asyncio.gather(*(migrate.upgrade_async() for _ in range(3)))
+
+        asyncio.run(three_at_once())
+    assert service.version() == [("0002_colour",)]
+
+
+def test_cancelling_upgrade_async_cancels_the_migration(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", url_string(service.url))
+    slow_revision(service)
+    with service.project.activated():
+        migrate = service.project.module("migrate")
+
+        async def startup_cancelled() -> None:
+            task = asyncio.create_task(migrate.upgrade_async())
+            sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+            while await asyncio.to_thread(service.query, sleeping) != [(1,)]:
+                await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(startup_cancelled())
+    wait_for(lambda: not service.migration_backends(), "the migration's backend to end", timeout=10)
+    assert service.version() == [("0001",)] and service.locked_tables() == set()
