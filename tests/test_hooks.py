@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 from cookiecutter.exceptions import FailedHookException
+from cookiecutter.generate import generate_context, generate_files
+from cookiecutter.main import cookiecutter
+from cookiecutter.prompt import prompt_for_config
 
-from rendering import copy_template, render
+from rendering import TEMPLATE, copy_template, render
 
 SLUG_DIR = "{{cookiecutter.project_slug}}"
 
@@ -26,7 +29,8 @@ SLUG_DIR = "{{cookiecutter.project_slug}}"
         pytest.param({"env_prefix": "APP"}, "ending with '_'", id="prefix-without-underscore"),
         pytest.param({"env_prefix": "APP-"}, "env_prefix 'APP-'", id="prefix-with-hyphen"),
         pytest.param({"env_prefix": "1_"}, "env_prefix '1_'", id="prefix-leading-digit"),
-        pytest.param({"project_name": "x'''\"\"\"\\"}, "project_slug", id="quotes-in-answers-stay-data"),
+        # slugify drops quotes from a project_name now: they reach the hook as the slug itself.
+        pytest.param({"project_slug": "x'''\"\"\"\\"}, "project_slug", id="quotes-in-answers-stay-data"),
     ],
 )
 def test_pre_gen_rejects_bad_answers(tmp_path: Path, capfd, answers: dict[str, str], message: str) -> None:
@@ -127,3 +131,66 @@ def test_post_gen_allows_documentation_placeholders(tmp_path: Path) -> None:
         "The answers are in .cookiecutter.json.\n",
     )
     render(tmp_path / "out", template=template)
+
+
+def user_files(project: Path) -> dict[str, str]:
+    """What a team adds to a rendered project: a real credential in .env (git ignores it), and
+    a virtualenv whose files the post-gen checks would refuse."""
+    files = {".env": "DATABASE_URL=postgresql://app:hunter2@db/app\n", ".venv/lib/x.py": "{" + "{\n"}
+    for name, content in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+    return files
+
+
+def render_again(output: Path, template: Path = TEMPLATE) -> Path:
+    """`cookiecutter -f --skip-if-file-exists`: pick up the template's new files, keep the rest."""
+    return Path(
+        cookiecutter(
+            str(template), no_input=True, output_dir=str(output), overwrite_if_exists=True, skip_if_file_exists=True
+        )
+    )
+
+
+def test_rendering_again_checks_the_templates_files_not_the_users(tmp_path: Path) -> None:
+    project = render(tmp_path)
+    added = user_files(project)
+    (project / "alembic.ini").unlink()  # a file the template brings again
+
+    assert render_again(tmp_path) == project
+    assert (project / "alembic.ini").is_file()
+    assert {name: (project / name).read_text() for name in added} == added
+
+
+def test_rendering_again_still_refuses_a_credential_the_template_brings(tmp_path: Path, capfd) -> None:
+    project = render(tmp_path / "out")
+    user_files(project)
+    template = template_copy_with(tmp_path, "deploy.py", 'URL = "postgresql://svc:hunter2@db.internal/app"\n')
+    with pytest.raises(FailedHookException):
+        render_again(tmp_path / "out", template)
+    error = capfd.readouterr().err
+    assert "deploy.py:1: a URL with a password" in error
+    assert ".env" not in error and ".venv" not in error
+    # cookiecutter leaves a directory it did not create in place.
+    assert (project / ".env").is_file()
+
+
+def test_without_knowing_the_template_every_file_is_checked(tmp_path: Path, capfd) -> None:
+    """cruft renders with a context that does not say where the template is (no _repo_dir), into a
+    fresh directory: the hook then checks every file, and over an existing project says why it
+    refused the user's files."""
+    project = render(tmp_path)
+    user_files(project)
+    context = generate_context(context_file=str(TEMPLATE / "cookiecutter.json"))
+    context["cookiecutter"] = prompt_for_config(context, no_input=True)
+    with pytest.raises(FailedHookException):
+        generate_files(
+            repo_dir=str(TEMPLATE),
+            context=context,
+            output_dir=str(tmp_path),
+            overwrite_if_exists=True,
+            skip_if_file_exists=True,
+        )
+    error = capfd.readouterr().err
+    assert ".env:1: a URL with a password" in error
+    assert "every file in the directory was checked" in error
