@@ -16,13 +16,13 @@ read-only root filesystem (a mount namespace), against the real server.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 import shutil
 import subprocess
 import sys
-import sysconfig
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -35,10 +35,10 @@ from docker.utils.build import exclude_paths
 from sqlalchemy.engine import URL
 
 from conftest import make_project
-from rendering import Project, files_under, render, subprocess_env
+from rendering import TEMPLATE, Project, files_under, render, subprocess_env, tool
 
-SCRIPTS = Path(sysconfig.get_path("scripts"))
 SECRETS_DIR = PurePosixPath("/run/secrets")
+DEFAULT_PYTHON = json.loads((TEMPLATE / "cookiecutter.json").read_text())["python_version"][0]
 DEPLOY_FILES = {
     ".dockerignore",
     "Dockerfile",
@@ -49,13 +49,6 @@ DEPLOY_FILES = {
 # What a developer's checkout holds and no image may: local settings, a virtualenv,
 # the local secret that compose.yaml mounts, bytecode.
 LOCAL_ONLY = [".env", ".venv/bin/python", "secrets/database_password", "migrations/versions/__pycache__/x.pyc"]
-
-
-def tool(name: str) -> str:
-    """A checker from the test dependency group, next to this interpreter."""
-    path = shutil.which(name, path=str(SCRIPTS)) or shutil.which(name)
-    assert path, f"{name} is missing: python -m pip install --group test"
-    return path
 
 
 @dataclass
@@ -190,7 +183,7 @@ def test_the_image_runs_the_migrations_as_a_non_root_user(deployed: Deployed) ->
 
 
 def test_the_image_is_built_on_the_answered_python(deployed: Deployed) -> None:
-    version = deployed.answers.get("python_version", "3.11")
+    version = deployed.answers.get("python_version", DEFAULT_PYTHON)
     assert [stage.base for stage in deployed.stages] == [f"python:{version}-slim"] * len(deployed.stages)
 
 
@@ -310,8 +303,11 @@ def test_the_readme_documents_the_files_as_they_are(deployed: Deployed) -> None:
     [(_, secret)] = deployed.compose["secrets"].items()
     assert f"> {PurePosixPath(secret['file'])}" in deploy
     assert str(password_file(deployed)) in deploy
-    lock = "migration lock" if deployed.database == "postgresql" else "no migration lock"
-    assert lock in deploy
+    # Whether several replicas may migrate at once: the lock decides.
+    if deployed.database == "postgresql":
+        assert "Several replicas migrating at once are safe" in deploy
+    else:
+        assert "no migration lock" in deploy and "exactly once, as the Job" in " ".join(deploy.split())
 
 
 # The image, run
@@ -338,7 +334,7 @@ def job_secret_path(deployed: Deployed) -> PurePosixPath:
 
 
 def password_file(deployed: Deployed) -> PurePosixPath:
-    """The file the rendered settings read the password from (README: "Secrets")."""
+    """The file the rendered settings read the password from (their README: "Configure the database")."""
     return SECRETS_DIR / f"{deployed.prefix}DATABASE_PASSWORD"
 
 
