@@ -174,6 +174,8 @@ def test_the_image_runs_the_migrations_as_a_non_root_user(deployed: Deployed) ->
     user = final.last("USER").value[0]
     uid = user.split(":")[0]
     assert uid.isdigit() and int(uid) != 0, user
+    # ... of a user the image has (a name in /etc/passwd, for tools that look it up).
+    assert any(f"--uid {uid} " in run.value[0] for run in final.all("RUN")), "no user with that uid"
     pod = deployed.job_pod
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == int(uid)
