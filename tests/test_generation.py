@@ -162,8 +162,8 @@ def test_the_table_covers_every_option_and_interaction() -> None:
         assert needed <= covered, f"no supported row has ({first}, {second}) = {sorted(needed - covered)}"
 
 
-def params(rows: dict[str, Answers], **extra: Any) -> list:
-    return [pytest.param(answers, id=row_id, **extra) for row_id, answers in rows.items()]
+def params(rows: dict[str, Answers]) -> list:
+    return [pytest.param(answers, id=row_id) for row_id, answers in rows.items()]
 
 
 def with_backend(rows: dict[str, Answers]) -> list:
