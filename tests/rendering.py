@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,6 +74,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     pytest variables (a nested pytest must not think it is this one), plus `extra`."""
     inherited = {k: v for k, v in os.environ.items() if "DATABASE_" not in k and not k.startswith("PYTEST_")}
     return {**inherited, **extra}
+
+
+def tool(name: str) -> str:
+    """A command-line checker from the test dependency group, next to this interpreter."""
+    path = shutil.which(name, path=sysconfig.get_path("scripts")) or shutil.which(name)
+    assert path, f"{name} is missing: python -m pip install --group test"
+    return path
 
 
 def copy_template(destination: Path) -> Path:

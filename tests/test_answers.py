@@ -96,9 +96,10 @@ def ini_values(path: Path) -> dict[str, dict[str, str]]:
     return {section: dict(parser[section]) for section in parser.sections()}
 
 
-def load_yaml_files(project: Path) -> dict[str, Any]:
+def load_yaml_files(project: Path, slug: str = "my-service") -> dict[str, Any]:
+    """Every YAML file, parsed; the project slug (validated, used in resource names) as the default one."""
     return {
-        path.relative_to(project).as_posix(): yaml.safe_load(path.read_text())
+        path.relative_to(project).as_posix(): yaml.safe_load(path.read_text().replace(slug, "my-service"))
         for path in sorted([*project.rglob("*.yml"), *project.rglob("*.yaml")])
     }
 
@@ -128,8 +129,9 @@ def test_free_text_stays_text_in_every_file(tmp_path: Path, default_project: Pat
     docstring = ast.get_docstring(ast.parse((project / package / "__init__.py").read_text()))
     assert docstring is not None and one_line(docstring) == summary
 
-    # No answer reaches a YAML file: each parses, and to what the default render's does.
-    assert load_yaml_files(project) == load_yaml_files(default_project)
+    # No free text reaches a YAML file (only the slug, in resource names): each parses,
+    # and to what the default render's does.
+    assert load_yaml_files(project, slug=project.name) == load_yaml_files(default_project)
 
     ini = (project / "alembic.ini").read_text()
     assert ini.splitlines()[0] == f"# Alembic configuration for {title}."

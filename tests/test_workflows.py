@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +18,11 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from rendering import TEMPLATE, readme_block, render
+from rendering import TEMPLATE, readme_block, render, tool
 
-SCRIPTS = Path(sysconfig.get_path("scripts"))
 PYTHON_VERSIONS = json.loads((TEMPLATE / "cookiecutter.json").read_text())["python_version"]
 PINNED = re.compile(r"^[\w.-]+/[\w.-]+@[0-9a-f]{40}$")
 VERSION_COMMENT = re.compile(r"@[0-9a-f]{40} # v\d+\.\d+\.\d+$", re.MULTILINE)
-
-
-def tool(name: str) -> str:
-    """A linter from the test dependency group, next to this interpreter."""
-    path = shutil.which(name, path=str(SCRIPTS)) or shutil.which(name)
-    assert path, f"{name} is missing: python -m pip install --group test"
-    return path
 
 
 def lint_github_dir(github: Path) -> None:

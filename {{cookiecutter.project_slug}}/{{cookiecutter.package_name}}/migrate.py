@@ -346,4 +346,3 @@ class Revisions:
             f"{self.name()} failed: {message}; {outcome}; {self.position()}"
             " (alembic --raiseerr shows the traceback)"
         )
-

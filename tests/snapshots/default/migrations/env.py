@@ -2,7 +2,7 @@
 
 Offline mode (`alembic upgrade head --sql`) writes SQL and needs no database.
 Online mode runs on a connection handed in as config.attributes["connection"]
-(a Connection, AsyncConnection or AsyncEngine), or on an engine of its own.
+(a Connection, or an AsyncEngine such as pytest-alembic's), or on an engine of its own.
 """
 
 import gc
@@ -11,11 +11,11 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_engine_from_config
+from sqlalchemy.ext.asyncio import AsyncEngine, async_engine_from_config
 
 from my_service import migrate
 from my_service.database import connect_args
+from my_service.migration_session import MigrationSession, offline_sql
 from my_service.models import Base
 
 config = context.config
@@ -38,7 +38,6 @@ config.set_main_option(
 
 OPTIONS = {
     "target_metadata": Base.metadata,
-    "compare_type": True,
 }
 
 
@@ -52,36 +51,25 @@ def run_migrations_offline() -> None:
     )
     with context.begin_transaction():
         # A script applied by hand gets the limits an online run sets.
-        for statement in migrate.offline_session_sql(settings):
+        for statement in offline_sql(settings):
             context.execute(statement)
         context.run_migrations()
 
 
 def do_run_migrations(connection: Connection) -> None:
-    """Run the migrations on `connection`, holding the migration lock and limits."""
-    try:
-        with migrate.migration_session(connection, settings):
-            context.configure(connection=connection, **OPTIONS)
-            with context.begin_transaction():
-                context.run_migrations()
-    except DBAPIError as exc:
-        raise migrate.migration_failed(exc, config) from exc
+    """Run the migrations on `connection`: migration lock, limits, one transaction per revision."""
+    MigrationSession(context, connection, settings, **OPTIONS).run()
 
 
-async def run_async_migrations(connectable: AsyncEngine | None) -> None:
-    """Run on the AsyncEngine handed in, or on a new one; dispose of its connections."""
-    engine = connectable or async_engine_from_config(
+async def run_async_migrations(engine: AsyncEngine | None) -> None:
+    """Run on the AsyncEngine handed in, or on a new one; close its connections on this loop."""
+    engine = engine or async_engine_from_config(
         config.get_section(config.config_ini_section, {}),
         prefix="sqlalchemy.",
         poolclass=pool.NullPool,
         connect_args=connect_args(settings),
     )
-    try:
-        async with migrate.connect(engine, settings) as connection:
-            await connection.run_sync(do_run_migrations)
-    finally:
-        # Connections belong to this event loop: close them before it ends.
-        await engine.dispose()
+    await migrate.run_on_engine(engine, settings, do_run_migrations)
 
 
 def run_migrations_online() -> None:
@@ -89,9 +77,6 @@ def run_migrations_online() -> None:
     connectable = config.attributes.get("connection")
     if isinstance(connectable, Connection):
         do_run_migrations(connectable)
-    elif isinstance(connectable, AsyncConnection):
-        # On the event loop that the connection belongs to.
-        migrate.run_coroutine(connectable.run_sync(do_run_migrations), migrate.driver_loop(connectable))
     else:
         migrate.run_coroutine(run_async_migrations(connectable))
 

@@ -1,17 +1,33 @@
-"""The async engine, built from the settings, and readable connection errors."""
+"""The async engine for PostgreSQL (asyncpg), and what its errors mean."""
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .settings import DatabaseSettings
 
+# What the SQLSTATE of a failed connect says is wrong, as the settings to check.
+CONNECT_FAILURES = {
+    "3D000": ("name",),  # invalid_catalog_name: no such database
+    "28P01": ("user", "password"),  # invalid_password
+    "28000": ("user", "password"),  # invalid_authorization_specification: no such role, or pg_hba.conf
+}
+# What a failed revision leaves behind (migration_session.py says more).
+AFTER_A_FAILED_REVISION = "it rolled back"
 
-def create_engine(settings: DatabaseSettings, **kwargs: Any) -> AsyncEngine:
+
+class CannotConnect(ConnectionError):
+    """The database cannot be reached; the message is one line that names what to check."""
+
+
+def engine_for(settings: DatabaseSettings, **kwargs: Any) -> AsyncEngine:
     """An AsyncEngine for the configured database; kwargs go to create_async_engine."""
     return create_async_engine(settings.async_url(), connect_args=connect_args(settings), **kwargs)
 
@@ -30,46 +46,59 @@ def connect_args(settings: DatabaseSettings) -> dict[str, Any]:
     return args
 
 
-def describe_connect_error(exc: BaseException, settings: DatabaseSettings) -> str:
-    """One line that says what went wrong, where, and which variable to check."""
+@asynccontextmanager
+async def connect(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncIterator[AsyncConnection]:
+    """engine.connect(), raising CannotConnect with one readable line when that fails."""
+    try:
+        connection = await engine.connect()
+    except Exception as exc:
+        # Whatever fails here failed to connect: refused, timed out, rejected
+        # (SQLAlchemy 2.0 lets some driver errors through unwrapped).
+        raise CannotConnect(connect_error(exc, settings)) from exc
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+def connect_error(exc: BaseException, settings: DatabaseSettings) -> str:
+    """One line: what went wrong, where, and which variables to check."""
     url = settings.async_url()
-    where = f"{url.host}:{url.port or ''}".rstrip(":")
-    reason = _connect_reason(exc, settings)
-    check = settings.variables(*_culprits(reason))
-    message = f"cannot connect to the database at {where}: {reason}; check {check}"
-    if url.password:
-        # Drivers do not quote passwords, but a message must never leak one.
-        message = message.replace(url.password, "***")
-    return message
+    host = f"[{url.host}]" if url.host and ":" in url.host else url.host
+    if isinstance(exc, TimeoutError):
+        # asyncio's TimeoutError carries no message of its own.
+        reason = f"no answer within {settings.connect_timeout:g} s"
+    elif isinstance(exc, ConnectionRefusedError):
+        reason = "connection refused (is the server running, and on this port?)"
+    else:
+        reason = without_password(driver_message(exc), url.password)
+    check = settings.env_vars_for(*CONNECT_FAILURES.get(sqlstate(exc) or "", ("host", "port")))
+    return f"cannot connect to the database at {host}:{url.port}: {reason}; check {check}"
 
 
-def describe_error(exc: BaseException) -> str:
-    """The first line of a driver's message, without SQLAlchemy's wrapping."""
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error, wrapped by SQLAlchemy or not."""
+    error = exc.orig if isinstance(exc, DBAPIError) else exc
+    return getattr(error, "sqlstate", None)
+
+
+def driver_message(exc: BaseException) -> str:
+    """The server's or the driver's own words for `exc` (the first line), without SQLAlchemy's wrapping."""
     if isinstance(exc, DBAPIError) and exc.orig is not None:
-        exc = exc.orig
-    # Driver exceptions wrapped by SQLAlchemy read "<class '...'>: message".
-    text = str(exc).rpartition(">: ")[2].strip()
+        # SQLAlchemy's asyncpg adapter raises its own error from asyncpg's.
+        exc = exc.orig.__cause__ or exc.orig
+    text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _connect_reason(exc: BaseException, settings: DatabaseSettings) -> str:
-    if isinstance(exc, TimeoutError):
-        # asyncio's TimeoutError carries no message of its own.
-        return f"no answer within {settings.connect_timeout:g} s"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the server running, and on this port?)"
-    return describe_error(exc)
+def without_password(text: str, password: str | None) -> str:
+    """`text` (a driver's message) with the password replaced wherever it stands on its own.
 
-
-NO_SUCH_DATABASE = ("does not exist", "unknown", "to database")
-
-
-def _culprits(reason: str) -> tuple[str, ...]:
-    """The settings that a connection failure points at."""
-    lowered = reason.lower()
-    # 'database "x" does not exist', "Unknown database 'x'", "Access denied ... to database 'x'"
-    if "database" in lowered and any(words in lowered for words in NO_SUCH_DATABASE):
-        return ("name",)
-    if any(word in lowered for word in ("password", "access denied", "authentication", "role")):
-        return ("user", "password")
-    return ("host", "port")
+    Servers do not echo passwords, but a driver may quote what it was given; a short
+    password inside another word ("a" in "database") is left alone.
+    """
+    if not password:
+        return text
+    before = r"(?<!\w)" if re.match(r"\w", password[0]) else ""
+    after = r"(?!\w)" if re.match(r"\w", password[-1]) else ""
+    return re.sub(before + re.escape(password) + after, "***", text)

@@ -1,15 +1,18 @@
-"""Running the Alembic migrations: what migrations/env.py needs, and a Python API.
+"""Running the Alembic migrations: a Python API for applications, and what env.py needs.
 
-From a script: ``upgrade()``. From async code (an app's startup, an async test):
-``await upgrade_async()``, or ``await upgrade_async(connection=conn)`` to migrate on
-a connection you already hold.
+From a script or other synchronous code: ``upgrade()``. From async code (an app's
+startup, an async test): ``await upgrade_async()``, or ``await upgrade_async(connection=conn)``
+on a connection you hold. Alembic's `context` is process-global, so commands run one at
+a time: concurrent calls wait for each other.
 """
 
 from __future__ import annotations
 
 import asyncio
-import zlib
-from collections.abc import AsyncIterator, Coroutine, Iterator
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -17,21 +20,23 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext, MigrationInfo, MigrationStep
 from alembic.util import CommandError
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .database import describe_connect_error, describe_error
-from .settings import DatabaseSettings, SettingsError, env_var, load_settings
+from .database import AFTER_A_FAILED_REVISION, CannotConnect, connect, driver_message, engine_for
+from .settings import DatabaseSettings
+from .settings_base import SettingsError
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 ALEMBIC_INI = PROJECT_DIR / "alembic.ini"
-# One key per project: replicas of this service wait for each other, other
-# services' migrations in the same cluster do not.
-MIGRATION_LOCK_KEY = zlib.crc32(b"my_service:alembic")
-LOCK_NOT_AVAILABLE = "55P03"
-SET_CONFIG = text("SELECT current_setting(:name), set_config(:name, :value, :local)")
+
+# Alembic's `context` and `op` are module-level proxies: one command at a time.
+_one_command = threading.Lock()
+_command_thread: int | None = None
 
 
 def alembic_config(path: str | Path = ALEMBIC_INI) -> Config:
@@ -46,8 +51,13 @@ def alembic_config(path: str | Path = ALEMBIC_INI) -> Config:
 
 
 def upgrade(revision: str = "head", *, config: Config | None = None) -> None:
-    """`alembic upgrade`, from synchronous code or from inside a running event loop."""
-    command.upgrade(config or alembic_config(), revision)
+    """`alembic upgrade` from synchronous code, also from inside a running event loop."""
+    if _command_thread == threading.get_ident():
+        raise CommandError(
+            "a migration already runs on this thread's event loop: await upgrade_async() instead of upgrade()"
+        )
+    with _one_command:
+        command.upgrade(config or alembic_config(), revision)
 
 
 async def upgrade_async(
@@ -56,16 +66,38 @@ async def upgrade_async(
     connection: AsyncConnection | None = None,
     config: Config | None = None,
 ) -> None:
-    """`alembic upgrade` from async code, on `connection` or on a fresh engine.
+    """`alembic upgrade` from async code, on this event loop.
 
-    On a connection of yours, the migration joins its transaction if one is open
-    (commit it yourself), and commits on its own otherwise.
+    Cancelling the call cancels the migration: the revision that runs rolls back.
+    On `connection`, the migration joins its transaction if one is open (commit it
+    yourself), and commits revision by revision otherwise.
     """
     config = config or alembic_config()
-    if connection is None:
-        await asyncio.to_thread(command.upgrade, config, revision)
-    else:
-        await connection.run_sync(_upgrade_on, config, revision)
+    async with _command_slot():
+        if connection is not None:
+            await connection.run_sync(_upgrade_on, config, revision)
+            return
+        settings = _settings()
+        engine = engine_for(settings)
+        try:
+            async with _connected(engine, settings) as own:
+                await own.run_sync(_upgrade_on, config, revision)
+        finally:
+            await engine.dispose()
+
+
+@asynccontextmanager
+async def _command_slot() -> AsyncIterator[None]:
+    """Wait for the other commands of this process without blocking the event loop."""
+    global _command_thread
+    while not _one_command.acquire(blocking=False):
+        await asyncio.sleep(0.05)
+    _command_thread = threading.get_ident()
+    try:
+        yield
+    finally:
+        _command_thread = None
+        _one_command.release()
 
 
 def _upgrade_on(connection: Connection, config: Config, revision: str) -> None:
@@ -76,21 +108,34 @@ def _upgrade_on(connection: Connection, config: Config, revision: str) -> None:
         del config.attributes["connection"]
 
 
+# --- what env.py needs -------------------------------------------------------------
+
+
 def settings_for(config: Config) -> DatabaseSettings:
     """The settings for this run; a connection handed in decides the URL."""
     connectable = config.attributes.get("connection")
     overrides = {}
+    if isinstance(connectable, AsyncConnection):
+        raise CommandError(
+            'config.attributes["connection"] is an AsyncConnection, which belongs to a running event'
+            " loop: `await upgrade_async(connection=...)`, or hand in `connection.sync_connection`"
+            " from inside `await connection.run_sync(...)`"
+        )
     if connectable is not None:
-        if not isinstance(connectable, Connection | AsyncConnection | AsyncEngine):
+        if not isinstance(connectable, Connection | AsyncEngine):
             raise CommandError(
-                'config.attributes["connection"] must be a Connection, an AsyncConnection or an'
-                f" AsyncEngine, not {type(connectable).__name__}"
+                'config.attributes["connection"] must be a Connection or an AsyncEngine,'
+                f" not {type(connectable).__name__}"
             )
         # Only the database it names matters: its driver options are the caller's business.
-        url = getattr(connectable, "engine", connectable).url.set(query={})
+        url = connectable.engine.url.set(query={})
         overrides["url"] = url.render_as_string(hide_password=False)
+    return _settings(**overrides)
+
+
+def _settings(**overrides: Any) -> DatabaseSettings:
     try:
-        return load_settings(**overrides)
+        return DatabaseSettings.load(**overrides)
     except SettingsError as exc:
         raise CommandError(str(exc)) from None
 
@@ -100,187 +145,204 @@ def ini_escape(value: str) -> str:
     return value.replace("%", "%%")
 
 
-def run_coroutine(
-    coroutine: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop | None = None
-) -> None:
-    """Run `coroutine` to completion from synchronous code.
-
-    On `loop` when given: the loop an async connection belongs to, running in
-    another thread or not running at all. Otherwise with asyncio.run(), on a
-    worker thread when this thread's loop is running (loops do not nest).
-    """
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if loop is not None and loop is running:
-        coroutine.close()
-        raise CommandError(
-            "the AsyncConnection handed in belongs to the event loop that is waiting for this"
-            " migration: `await upgrade_async(connection=...)` instead"
-        )
-    if loop is not None and loop.is_running():
-        asyncio.run_coroutine_threadsafe(coroutine, loop).result()
-    elif loop is not None:
-        loop.run_until_complete(coroutine)
-    elif running is None:
-        asyncio.run(coroutine)
-    else:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pool.submit(asyncio.run, coroutine).result()
-
-
-def driver_loop(connection: AsyncConnection) -> asyncio.AbstractEventLoop | None:
-    """The event loop the driver bound `connection` to (asyncpg and asyncmy do; aiosqlite does not).
-
-    Both keep it as `_loop`; tests/test_migrations.py fails should that ever change.
-    """
-    adapted = connection.sync_connection.connection.dbapi_connection
-    return getattr(getattr(adapted, "driver_connection", None), "_loop", None)
-
-
 @asynccontextmanager
-async def connect(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncIterator[AsyncConnection]:
-    """engine.connect(), with one readable line when the database cannot be reached."""
+async def _connected(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncIterator[AsyncConnection]:
     try:
-        connection = await engine.connect()
-    except Exception as exc:
-        # Whatever fails here failed to connect: refused, timed out, rejected
-        # (SQLAlchemy 2.0 lets some driver errors through unwrapped).
-        raise CommandError(describe_connect_error(exc, settings)) from exc
+        async with connect(engine, settings) as connection:
+            yield connection
+    except CannotConnect as exc:
+        raise CommandError(str(exc)) from exc.__cause__
+
+
+async def run_on_engine(
+    engine: AsyncEngine, settings: DatabaseSettings, run: Callable[[Connection], None]
+) -> None:
+    """`run` on a connection of `engine`; dispose of its connections afterwards, on this loop."""
     try:
-        yield connection
+        async with _connected(engine, settings) as connection:
+            await connection.run_sync(run)
     finally:
-        await connection.close()
+        await engine.dispose()
 
 
-def offline_session_sql(settings: DatabaseSettings) -> list[str]:
-    """The session limits as SQL, for scripts written with --sql and applied by hand."""
-    limits = {"lock_timeout": settings.lock_timeout, "statement_timeout": settings.statement_timeout}
-    return [f"SET {name} = '{quote_literal(value)}'" for name, value in limits.items()]
+def run_coroutine(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run `coroutine` to completion from synchronous code (env.py).
+
+    With asyncio.run(), on a worker thread when this thread's event loop is running
+    (loops do not nest). On the main thread, SIGTERM (what Docker and Kubernetes send
+    to stop a container) cancels it as Ctrl-C does: the statement that runs is
+    cancelled and the revision's transaction rolls back before the process exits.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        if threading.current_thread() is threading.main_thread():
+            asyncio.run(_stopped_by_sigterm(coroutine))
+        else:
+            asyncio.run(coroutine)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
 
 
-def quote_literal(value: str) -> str:
-    """`value` made safe inside an SQL string literal."""
-    return value.replace("'", "''")
+async def _stopped_by_sigterm(coroutine: Coroutine[Any, Any, None]) -> None:
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    stopped = []
+    loop.add_signal_handler(signal.SIGTERM, lambda: stopped.append(task.cancel()))
+    try:
+        await coroutine
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+        raise CommandError(
+            "stopped by SIGTERM: the statement that ran was cancelled and the revision's open"
+            " transaction rolled back (`alembic current` shows where the database is)"
+        ) from None
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
-def migration_failed(exc: DBAPIError, config: Config) -> CommandError:
-    """A CommandError naming the revision file whose migration raised `exc`."""
-    versions = Path(config.get_main_option("script_location", "")).resolve() / "versions"
-    revision = "a migration"
-    traceback = exc.__traceback__
-    while traceback is not None:
-        path = Path(traceback.tb_frame.f_code.co_filename)
-        if path.parent == versions:
-            revision = path.name
-        traceback = traceback.tb_next
-    outcome = "rolled back, the schema is as it was"
-    return CommandError(
-        f"{revision} failed: {describe_error(exc)}; {outcome} (alembic --raiseerr shows the traceback)"
-    )
+# --- running the revisions ------------------------------------------------------------
 
 
 @contextmanager
-def migration_session(connection: Connection, settings: DatabaseSettings) -> Iterator[None]:
-    """Hold the migration lock and the session limits while the migrations run.
-
-    Configure Alembic inside this block: whether the connection is in a
-    transaction when Alembic sees it decides who commits.
-
-    On a connection in no transaction: a session-level advisory lock
-    (pg_advisory_xact_lock would be released by autocommit_block()) and
-    session settings, both undone afterwards. On a caller's connection inside
-    a transaction: transaction-level ones, so that nothing outlives the
-    caller's transaction. Through PgBouncer in transaction mode, where only a
-    transaction keeps its server connection: one transaction of our own, with
-    transaction-level lock and settings.
-    """
-    own_transaction = settings.pgbouncer and not connection.in_transaction()
-    if own_transaction:
-        connection.begin()
-    local = connection.in_transaction()
-    previous: dict[str, str] = {}
-    locked = False
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    disabled, logger.disabled = logger.disabled, True
     try:
-        # lock_timeout also bounds the wait for the advisory lock: give that wait
-        # its own bound first, then the limits for the migrations themselves.
-        previous = _set_config(
-            connection,
-            {
-                "application_name": settings.application_name,
-                "lock_timeout": settings.migration_lock_timeout,
-                "statement_timeout": "0",
-            },
-            local=local,
-        )
-        if settings.migration_lock:
-            _take_migration_lock(connection, settings, local=local)
-            locked = not local
-        limits = {"lock_timeout": settings.lock_timeout, "statement_timeout": settings.statement_timeout}
-        _set_config(connection, limits, local=local)
-        if not local:
-            # The statements above began a transaction: end it, so that Alembic
-            # begins (and commits) its own.
-            connection.commit()
         yield
-        if own_transaction:
-            connection.commit()
-    except AssertionError as exc:
-        if local and _raised_in(exc, "autocommit_block"):
-            raise CommandError(
-                "a revision uses autocommit_block(), which cannot run inside one transaction"
-                f" ({env_var('pgbouncer')} or a caller's transaction): run it through a direct"
-                " connection"
-            ) from exc
-        raise
     finally:
-        if own_transaction and connection.in_transaction():
-            connection.rollback()
-        if not local:
-            _restore_session(connection, previous, unlock=locked)
+        logger.disabled = disabled
 
 
-def _raised_in(exc: BaseException, function: str) -> bool:
-    traceback = exc.__traceback__
-    while traceback is not None:
-        if traceback.tb_frame.f_code.co_name == function:
-            return True
-        traceback = traceback.tb_next
-    return False
+class Revisions:
+    """The revisions an Alembic command runs, each in its own transaction, and which one runs.
 
+    Alembic hands env.py the command's plan as the `fn` option; this wraps it so that a
+    failure names the revision file that raised it, a revision that commits or rolls back
+    on its own cannot leave a run that looks done but is not, and a run started again after
+    a failure continues the same plan (a relative target such as `+2` or `-1` is not taken
+    again from the new position).
+    """
 
-def _take_migration_lock(connection: Connection, settings: DatabaseSettings, *, local: bool) -> None:
-    function = "pg_advisory_xact_lock" if local else "pg_advisory_lock"
-    try:
-        connection.exec_driver_sql(f"SELECT {function}({MIGRATION_LOCK_KEY})")
-    except DBAPIError as exc:
-        if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
-            raise
-        raise CommandError(
-            f"another migration still holds the migration lock (advisory lock {MIGRATION_LOCK_KEY})"
-            f" after {settings.migration_lock_timeout}; let it finish, or wait longer with"
-            f" {env_var('migration_lock_timeout')}"
-        ) from exc
+    def __init__(self, context: EnvironmentContext, connection: Connection, **options: Any) -> None:
+        self.context, self.connection = context, connection
+        # The transaction Alembic runs in when the caller (or PgBouncer mode) holds one.
+        self.outer = connection.get_transaction()
+        options = {"connection": connection, "transaction_per_migration": True, **options}
+        with _quiet(logging.getLogger("alembic.runtime.migration")):
+            # Configured once to read the plan (Alembic logs every configure), then for real.
+            context.configure(**options)
+            self._plan: Callable[[tuple[str, ...], MigrationContext], Iterable[MigrationStep]]
+            self._plan = context.get_context().opts["fn"]
+        context.configure(fn=self._steps, on_version_apply=self._applied, **options)
+        self.steps: list[MigrationStep] | None = None
+        self.done = 0
+        # Where the database is, as far as this run knows: its heads after the last commit.
+        self.heads: tuple[str, ...] = ()
+        self.start_heads: tuple[str, ...] = ()
+        self._applied_heads: tuple[str, ...] = ()
+        self.running: MigrationInfo | None = None
+        # Whether the step that runs made work permanent before it finished: statements
+        # in autocommit_block(), or a commit() of its own after some statements.
+        self.committed_work = False
+        self._statements = 0
+        self.before_step: Callable[[MigrationInfo], None] = lambda info: None
 
+    def run(self) -> None:
+        """context.run_migrations(): the rest of the plan, one transaction per revision."""
+        with self._watching_commits():
+            self.context.run_migrations()
 
-def _set_config(connection: Connection, values: dict[str, str], *, local: bool) -> dict[str, str]:
-    """Set run-time parameters (with SET, which PgBouncer passes on); return the old values."""
-    previous = {}
-    for name, value in values.items():
-        previous[name] = connection.execute(
-            SET_CONFIG, {"name": name, "value": value, "local": local}
-        ).scalar_one()
-    return previous
+    def replan(self) -> None:
+        """Compute the plan again from the heads in the database, on the next run()."""
+        self.steps, self.done, self.running = None, 0, None
 
+    def restart(self) -> None:
+        """Run the plan from its first step again: everything this run did was rolled back."""
+        self.done, self.heads = 0, self.start_heads
 
-def _restore_session(connection: Connection, previous: dict[str, str], *, unlock: bool) -> None:
-    if connection.invalidated or connection.closed:
-        # The backend is gone, and its lock and settings with it.
-        return
-    if connection.in_transaction():
-        connection.rollback()
-    _set_config(connection, previous, local=False)
-    if unlock:
-        connection.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")
-    connection.commit()
+    def _steps(self, heads: tuple[str, ...], migration_context: MigrationContext) -> Iterator[MigrationStep]:
+        if self.steps is None:
+            self.steps = list(self._plan(heads, migration_context))
+            self.start_heads = self.heads = tuple(heads)
+        while self.done < len(self.steps):
+            step = self.steps[self.done]
+            self.running = step.info
+            self.before_step(step.info)
+            self.committed_work, self._statements = False, 0
+            yield step
+            # Alembic committed the step (or, in a transaction of the caller, let it be).
+            self._settle(step.info)
+            self.heads, self.done, self.running = self._applied_heads, self.done + 1, None
+
+    def _applied(self, *, heads: set[str], **_: Any) -> None:
+        self._applied_heads = tuple(sorted(heads))
+
+    def _settle(self, info: MigrationInfo) -> None:
+        if self.outer is not None:
+            if self.connection.get_transaction() is not self.outer:
+                raise CommandError(
+                    f"{self.name(info)} ended the transaction the migrations run in (a commit() or"
+                    " rollback() of its own): what it did before that is committed, the rest was not;"
+                    " run such a revision through a direct connection, without PgBouncer mode"
+                )
+        elif self.connection.in_transaction():
+            # The revision committed or rolled back on its own, and went on in a new
+            # transaction that Alembic does not know: commit it, with the version.
+            self.connection.commit()
+
+    @contextmanager
+    def _watching_commits(self) -> Iterator[None]:
+        listeners: dict[str, Callable[..., None]] = {
+            "after_cursor_execute": self._executed,
+            "commit": self._committed,
+            "rollback": self._rolled_back,
+        }
+        for name, listener in listeners.items():
+            event.listen(self.connection, name, listener)
+        try:
+            yield
+        finally:
+            for name, listener in listeners.items():
+                event.remove(self.connection, name, listener)
+
+    def _executed(self, connection: Connection, *_: Any) -> None:
+        if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            self.committed_work = self.committed_work or self.running is not None
+        else:
+            self._statements += 1
+
+    def _committed(self, connection: Connection) -> None:
+        if self._statements and self.running is not None:
+            self.committed_work = True
+        self._statements = 0
+
+    def _rolled_back(self, connection: Connection) -> None:
+        self._statements = 0
+
+    def name(self, info: MigrationInfo | None = None) -> str:
+        """The file of the revision that runs (or of `info`), relative to the project when inside it."""
+        info = info or self.running
+        script = info.up_revision if info is not None else None
+        if script is None:
+            return "the migration"
+        path = Path(script.path)
+        return path.relative_to(PROJECT_DIR).as_posix() if path.is_relative_to(PROJECT_DIR) else str(path)
+
+    def position(self) -> str:
+        """Where the database is now, as far as this run knows."""
+        if not self.heads:
+            return "the database has no revision applied"
+        return f"the database is at {', '.join(self.heads)}"
+
+    def failure(self, exc: BaseException, outcome: str = AFTER_A_FAILED_REVISION) -> CommandError:
+        """The CommandError (one FAILED: line) for `exc`, raised while a revision ran."""
+        if isinstance(exc, DBAPIError):
+            message = driver_message(exc)
+        else:
+            lines = str(exc).strip().splitlines()
+            message = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        return CommandError(
+            f"{self.name()} failed: {message}; {outcome}; {self.position()}"
+            " (alembic --raiseerr shows the traceback)"
+        )

@@ -1,29 +1,19 @@
-"""Database settings, read from environment variables, `.env` and secret files.
+"""The database settings: where PostgreSQL is, and how migrations behave on it.
 
-Sources, highest priority first: environment variables, the `.env` file in the
-current directory, files in the secrets directory (SECRETS_DIR, default
-/run/secrets, one file per variable, named like it), then the defaults below.
-Every database variable starts with DATABASE_.
+Every variable starts with DATABASE_ (README.md, "Configure the database").
 """
 
 from __future__ import annotations
 
-import os
-import re
+from datetime import timedelta
 from typing import Self
 
-from pydantic import PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from pydantic import PrivateAttr, SecretStr, model_validator
+from sqlalchemy.engine import URL
 
-ENV_PREFIX = "DATABASE_"
-SECRETS_DIR_VAR = "SECRETS_DIR"
-DEFAULT_SECRETS_DIR = "/run/secrets"
+from .settings_base import Duration, Port, Seconds, SettingsBase, env_var, parse_url
 
 ASYNC_DRIVER = "postgresql+asyncpg"
-# What tools that need a synchronous driver get from sync_url().
-SYNC_DRIVER = "postgresql+psycopg"
 # postgres://, postgresql:// and postgresql+<any driver>:// all mean this database.
 BACKENDS = frozenset({"postgres", "postgresql"})
 EXAMPLE_URL = "postgresql://user:password@localhost:5432/dbname"
@@ -32,70 +22,59 @@ SSL_PARAMS = {"sslmode": "ssl"}
 # URL query parameters that reach asyncpg intact; anything else is an error
 # here rather than a TypeError deep inside the driver.
 DRIVER_PARAMS = frozenset({"ssl", "target_session_attrs"})
-# A PostgreSQL duration, as lock_timeout and statement_timeout take it.
-DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
 
 
-class SettingsError(ValueError):
-    """The settings are missing or invalid; the message names what to set."""
-
-
-def env_var(field: str) -> str:
-    """The environment variable that sets `field`."""
-    return ENV_PREFIX + field.upper()
-
-
-class DatabaseSettings(BaseSettings):
+class DatabaseSettings(SettingsBase):
     """Where the database is and how migrations talk to it."""
-
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_file=".env",
-        # A shared .env holds other services' keys too: ignore them.
-        extra="ignore",
-        # Never echo a rejected value: it may be a password.
-        hide_input_in_errors=True,
-    )
 
     # Either a whole URL (the password percent-encoded) ...
     url: SecretStr | None = None
     # ... or its parts (the password as it is, any characters).
     host: str | None = None
-    port: int = 5432
+    port: Port = 5432
     user: str | None = None
     password: SecretStr | None = None
     name: str | None = None
 
-    # Seconds to wait for the server before giving up.
-    connect_timeout: float = 10.0
-    # Migration session limits: a migration must not queue behind a long
-    # transaction for ever (lock_timeout), nor run without bound (statement_timeout).
-    # PostgreSQL interval syntax: "5s", "2min", "0" for no limit.
-    lock_timeout: str = "5s"
-    statement_timeout: str = "0"
+    # Seconds to wait for the server to answer before giving up.
+    connect_timeout: Seconds = 10.0
+
+    # Lock waits (README.md, "In production"). A migration waiting for a table lock
+    # makes every query on that table queue behind it: each attempt of a revision
+    # waits at most lock_timeout (the first attempt lock_timeout_first, longer ones
+    # after it), then rolls back, sleeps and tries again, for at most
+    # lock_retry_budget per revision (0: a single attempt).
+    lock_timeout: Duration = timedelta(milliseconds=400)
+    lock_timeout_first: Duration = timedelta(milliseconds=100)
+    lock_retry_budget: Duration = timedelta(seconds=30)
+    # A statement running longer than this is cancelled (0: no limit).
+    statement_timeout: Duration = timedelta(0)
+    # A migration whose client went silent in the middle of a transaction is ended
+    # after this, and its locks with it. A revision that computes in Python for
+    # longer between two statements needs more.
+    idle_in_transaction_timeout: Duration = timedelta(seconds=60)
     # Replicas that start together take turns: the first migrates, the others
-    # wait for this lock, then find nothing left to do.
+    # wait for this lock (at most migration_lock_timeout), then find nothing to do.
     migration_lock: bool = True
-    migration_lock_timeout: str = "5min"
-    # PgBouncer in transaction mode: no server-side prepared statement cache,
-    # and the whole run in one transaction, so that lock and limits hold.
+    migration_lock_timeout: Duration = timedelta(minutes=5)
+    # PgBouncer in transaction mode: no server-side prepared statement cache, and
+    # each run in one transaction, so that the lock and the limits hold.
     pgbouncer: bool = False
     # What a DBA sees in pg_stat_activity.
     application_name: str = "my-service-migrations"
 
     _url: URL = PrivateAttr()
 
-    @field_validator("lock_timeout", "statement_timeout", "migration_lock_timeout")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        if not DURATION.fullmatch(value.strip()):
-            raise ValueError("expected a duration like 500ms, 5s, 2min or 0")
-        return value.strip()
-
     @model_validator(mode="after")
     def _build_url(self) -> Self:
+        if self.lock_timeout_first > self.lock_timeout:
+            raise ValueError(
+                f"{env_var('lock_timeout_first')} is longer than {env_var('lock_timeout')}, the longest wait"
+            )
         if self.url is not None:
-            self._url = parse_url(self.url.get_secret_value())
+            self._url = with_driver_params(
+                parse_url(self.url.get_secret_value(), BACKENDS, ASYNC_DRIVER, EXAMPLE_URL)
+            )
             return self
         missing = [field for field in ("host", "user", "name") if getattr(self, field) is None]
         if missing:
@@ -116,27 +95,15 @@ class DatabaseSettings(BaseSettings):
         """The URL for the async engine (`str()` of it hides the password)."""
         return self._url
 
-    def sync_url(self) -> URL:
-        """The same database through a synchronous driver, for tools that need one."""
-        query = {("sslmode" if key == "ssl" else key): value for key, value in self._url.query.items()}
-        return self._url.set(drivername=SYNC_DRIVER, query=query)
-
-    def variables(self, *fields: str) -> str:
+    def env_vars_for(self, *fields: str) -> str:
         """The variables that set `fields` (or the URL, when one is set), for messages."""
         if self.url is not None or not fields:
             return env_var("url")
         return " and ".join(map(env_var, fields))
 
 
-def parse_url(raw: str) -> URL:
-    """Turn a DATABASE_URL value into the async driver's URL."""
-    try:
-        url = make_url(raw)
-    except (ArgumentError, ValueError):
-        # These messages quote the URL, password and all.
-        raise ValueError(f"{env_var('url')} is not a URL like {EXAMPLE_URL}") from None
-    if url.get_backend_name() not in BACKENDS:
-        raise ValueError(f"{env_var('url')} must be a URL like {EXAMPLE_URL}, not {url.drivername}://...")
+def with_driver_params(url: URL) -> URL:
+    """`url` with libpq's query parameters in asyncpg's words; one that asyncpg does not take is an error."""
     query = {SSL_PARAMS.get(key, key): value for key, value in url.query.items()}
     unsupported = sorted(set(query) - DRIVER_PARAMS)
     if unsupported:
@@ -145,29 +112,4 @@ def parse_url(raw: str) -> URL:
             f" (it takes {', '.join(sorted(DRIVER_PARAMS | SSL_PARAMS.keys()))};"
             " timeouts are settings of their own)"
         )
-    return url.set(drivername=ASYNC_DRIVER, query=query)
-
-
-def load_settings(**overrides: object) -> DatabaseSettings:
-    """Read the settings; raise SettingsError with one line naming what to fix."""
-    secrets_dir = os.environ.get(SECRETS_DIR_VAR, DEFAULT_SECRETS_DIR)
-    try:
-        return DatabaseSettings(
-            # A missing secrets directory is normal outside a container.
-            _secrets_dir=secrets_dir if os.path.isdir(secrets_dir) else None,
-            **overrides,
-        )
-    except ValidationError as exc:
-        raise SettingsError(f"database settings: {describe(exc)}") from None
-
-
-def describe(exc: ValidationError) -> str:
-    """One line for all of a ValidationError, naming env vars, never values."""
-    problems = []
-    for error in exc.errors(include_input=False, include_url=False):
-        cause = error.get("ctx", {}).get("error")
-        message = str(cause) if cause is not None else error["msg"]
-        if error["loc"]:
-            message = f"{env_var(str(error['loc'][0]))}: {message}"
-        problems.append(message)
-    return "; ".join(problems)
+    return url.set(query=query)

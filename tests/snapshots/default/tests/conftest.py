@@ -11,8 +11,8 @@ from alembic.config import Config
 from sqlalchemy.pool import NullPool
 
 from my_service import migrate
-from my_service.database import create_engine
-from my_service.settings import load_settings
+from my_service.database import engine_for
+from my_service.settings import DatabaseSettings
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def test_database_url() -> str:
 @pytest.fixture
 def alembic_config(test_database_url: str) -> Iterator[Config]:
     """The project's Alembic config, handed an engine for the test database."""
-    engine = create_engine(load_settings(url=test_database_url), poolclass=NullPool)
+    engine = engine_for(DatabaseSettings.load(url=test_database_url), poolclass=NullPool)
     config = migrate.alembic_config()
     config.attributes["connection"] = engine
     config.attributes["configure_logger"] = False

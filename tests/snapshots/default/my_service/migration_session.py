@@ -1,0 +1,434 @@
+"""How migrations run on PostgreSQL without disturbing a busy database.
+
+migrations/env.py runs every online command through MigrationSession.run(). Read
+top-down, this is what happens:
+
+1. Limits. The session gets statement_timeout, idle_in_transaction_session_timeout
+   and (PostgreSQL 14+) client_connection_check_interval, so that neither a runaway
+   statement nor a client that went away keeps tables locked.
+2. The migration lock, taken once there is something to migrate: `current`, `check`
+   or an `upgrade` with nothing to do never wait for it. A replica waits for it by
+   polling pg_try_advisory_lock outside any transaction, so that it holds no
+   snapshot, which a CREATE INDEX CONCURRENTLY in the replica that migrates would
+   wait for (the two would deadlock).
+3. One transaction per revision: a revision's table locks end when it commits.
+4. Lock retries. Each attempt of a revision waits at most a short lock_timeout, so
+   that the application's queries never queue behind it for long. A lock timeout
+   rolls the revision back, so that no lock is held while the session sleeps, then
+   the revision runs again with a longer timeout, until its retry budget is spent.
+5. Release: the lock, and the settings of a connection that was handed in.
+
+Through PgBouncer in transaction mode, or on a caller's connection that is inside a
+transaction, all of it happens in that one transaction: a transaction-level lock,
+SET LOCAL limits, and every attempt of the whole run inside a savepoint.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import logging
+import random
+import re
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationInfo
+from alembic.util import CommandError
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
+
+from .database import AFTER_A_FAILED_REVISION, driver_message, sqlstate
+from .migrate import Revisions
+from .settings import DatabaseSettings
+from .settings_base import env_var, milliseconds, readable
+
+log = logging.getLogger(__name__)
+
+# One key per project: replicas of this service wait for each other, other
+# services' migrations in the same cluster do not.
+MIGRATION_LOCK_KEY = zlib.crc32(b"my_service:alembic")
+# GitLab's with_lock_retries in spirit: per attempt of a revision, how far its
+# lock_timeout has grown from lock_timeout_first (0) to lock_timeout (1), and how many
+# seconds to sleep, holding no lock, after it timed out. The last row repeats until
+# the revision's lock_retry_budget is spent. Sleeps vary by +-25 %, so that replicas
+# do not retry in step.
+LOCK_RETRY_SCHEDULE = [
+    (0.0, 0.2),
+    (0.25, 0.3),
+    (0.5, 0.5),
+    (0.75, 0.7),
+    (1.0, 1.0),
+]
+# Failures that only mean "another transaction was in the way": the attempt rolled
+# back, and running it again is safe.
+LOCK_WAIT_FAILURES = {"55P03": "lock timeout", "40P01": "deadlock"}
+DUPLICATE_TABLE = "42P07"
+# How often a server checks that the client of a running statement is still there.
+CLIENT_CHECK_INTERVAL = "5s"
+
+
+class _Replan(Exception):
+    """The migration lock was just taken: the plan must start from the heads read now."""
+
+
+class MigrationSession:
+    """One online Alembic command on `connection`, run as the module docstring says."""
+
+    def __init__(
+        self, context: EnvironmentContext, connection: Connection, settings: DatabaseSettings, **options: Any
+    ) -> None:
+        self.context, self.connection, self.settings, self.options = context, connection, settings, options
+        # PgBouncer keeps a client on one server connection only for a transaction.
+        self.own_transaction = settings.pgbouncer and not connection.in_transaction()
+        self.one_transaction = settings.pgbouncer or connection.in_transaction()
+        self.locked = False
+        self.retrying: tuple[str | None, int, float] = (None, 0, 0.0)  # revision, attempt, first began
+
+    def run(self) -> None:
+        """Run the command's revisions: limits, lock, a transaction per revision, retries, release."""
+        if self.own_transaction:
+            self.connection.begin()
+        previous = self._set_limits()
+        try:
+            revisions = Revisions(self.context, self.connection, **self.options)
+            revisions.before_step = self._before_step
+            if not self._version_table_exists():
+                # Alembic creates it before the first revision: only one replica may.
+                self._take_lock()
+            self._run_with_retries(revisions)
+            if self.own_transaction:
+                self.connection.commit()
+        finally:
+            self._release(previous)
+
+    # --- 1. limits ----------------------------------------------------------------
+
+    def _limits(self) -> dict[str, str]:
+        limits = {
+            "application_name": self.settings.application_name,
+            "lock_timeout": milliseconds(self._attempt_timeout(1)),
+            "statement_timeout": milliseconds(self.settings.statement_timeout),
+            "idle_in_transaction_session_timeout": milliseconds(self.settings.idle_in_transaction_timeout),
+        }
+        if (self.connection.dialect.server_version_info or (0,)) >= (14,):
+            limits["client_connection_check_interval"] = CLIENT_CHECK_INTERVAL
+        return limits
+
+    def _set_limits(self) -> dict[str, str]:
+        """Set the limits (with SET, which PgBouncer passes on); return the values they replace."""
+        limits = self._limits()
+        current = self._select(*(f"current_setting('{name}')" for name in limits))
+        previous = dict(zip(limits, current, strict=True))
+        self._set_config(limits)
+        self._end_setup_transaction()
+        return previous
+
+    def _set_config(self, values: dict[str, str]) -> None:
+        local = "true" if self.one_transaction else "false"
+        calls = [f"set_config('{name}', :{name}, {local})" for name in values]
+        self.connection.execute(text(f"SELECT {', '.join(calls)}"), values)
+
+    def _select(self, *expressions: str) -> tuple[Any, ...]:
+        return tuple(self.connection.execute(text(f"SELECT {', '.join(expressions)}")).one())
+
+    def _end_setup_transaction(self) -> None:
+        if not self.one_transaction:
+            # The statements began a transaction: end it, so that Alembic begins
+            # (and commits) one per revision.
+            self.connection.commit()
+
+    def _version_table_exists(self) -> bool:
+        table = self.options.get("version_table", "alembic_version")
+        schema = self.options.get("version_table_schema")
+        name = f'"{schema}"."{table}"' if schema else f'"{table}"'
+        (exists,) = self._select(f"to_regclass('{name}') IS NOT NULL")
+        self._end_setup_transaction()
+        return bool(exists)
+
+    # --- 2. the migration lock --------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        """Wait for the migration lock, outside any transaction (or in the one transaction)."""
+        if not self.settings.migration_lock or self.locked:
+            return
+        self._end_setup_transaction()
+        try_lock = "pg_try_advisory_xact_lock" if self.one_transaction else "pg_try_advisory_lock"
+        timeout = self.settings.migration_lock_timeout
+        deadline = time.monotonic() + timeout.total_seconds()
+        delay = 0.05
+        while True:
+            (self.locked,) = self._select(f"{try_lock}({MIGRATION_LOCK_KEY})")
+            self._end_setup_transaction()
+            if self.locked:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CommandError(
+                    f"another migration still holds the migration lock (advisory lock {MIGRATION_LOCK_KEY},"
+                    f" {self._lock_holder()}) after {readable(timeout)}; let it finish, or wait longer with"
+                    f" {env_var('migration_lock_timeout')}"
+                )
+            if delay == 0.05:
+                log.warning("waiting for the migration lock, held by %s", self._lock_holder())
+            self._sleep(min(delay, remaining))
+            delay = min(delay * 2, 1.0)
+
+    def _lock_holder(self) -> str:
+        rows = self.connection.execute(
+            text(
+                "SELECT a.pid, a.application_name, extract(epoch FROM now() - a.backend_start)::float8"
+                " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = :key"
+            ),
+            {"key": MIGRATION_LOCK_KEY},
+        ).all()
+        self._end_setup_transaction()
+        return ", ".join(session(*row, "connected") for row in rows) or "its holder is gone now"
+
+    # --- 3. and 4. a transaction per revision, lock retries ------------------------------
+
+    def _before_step(self, info: MigrationInfo) -> None:
+        if self.settings.migration_lock and not self.locked:
+            self._take_lock()
+            raise _Replan()
+        if self.one_transaction:
+            refuse_autocommit_block(info)
+            return
+        revision, attempt, _ = self.retrying
+        if revision == info.up_revision_id and attempt > 1:
+            # This attempt's own lock_timeout, for its transaction only.
+            self._set_config({"lock_timeout": milliseconds(self._attempt_timeout(attempt))})
+
+    def _run_with_retries(self, revisions: Revisions) -> None:
+        """Attempts of the run until it is done; after a failed one, sleep and go again, or give up."""
+        while True:
+            try:
+                with self._attempt():
+                    revisions.run()
+                return
+            except _Replan:
+                revisions.replan()
+            except CommandError:
+                raise
+            except Exception as exc:
+                self._sleep(self._after_failed_attempt(revisions, exc))
+
+    def _after_failed_attempt(self, revisions: Revisions, exc: Exception) -> float:
+        """The seconds to sleep before the next attempt; the FAILED line when there is none."""
+        failed = revisions.running
+        if failed is None:
+            raise revisions.failure(exc, "no revision had begun") from exc
+        if self.one_transaction:
+            # The savepoint rolled back everything this run did.
+            revisions.restart()
+        revision, attempt, started = self.retrying
+        if revision != failed.up_revision_id:
+            revision, attempt, started = failed.up_revision_id, 1, time.monotonic()
+        code = sqlstate(exc) if isinstance(exc, DBAPIError) else None
+        retry = code in LOCK_WAIT_FAILURES and not revisions.committed_work
+        budget = self.settings.lock_retry_budget.total_seconds()
+        # A failed CREATE INDEX CONCURRENTLY leaves an INVALID index behind. Dropping it waits
+        # for the sessions that the build waited for, holding no lock that the application's
+        # queries would queue behind: it may take the rest of the budget.
+        wait = budget - (time.monotonic() - started) if retry else 0
+        dropped, left = self._drop_invalid_indexes(exc, max(wait, self.settings.lock_timeout.total_seconds()))
+        if code == DUPLICATE_TABLE and dropped and not revisions.committed_work:
+            # The INVALID index of an earlier failed build was in the way: gone now.
+            retry = True
+        outcome = self._outcome(revisions, dropped, left)
+        if not retry or left:
+            raise revisions.failure(exc, outcome) from exc
+        blocked_by = self._blockers(exc)
+        elapsed = time.monotonic() - started
+        sleep = jittered(LOCK_RETRY_SCHEDULE[min(attempt, len(LOCK_RETRY_SCHEDULE)) - 1][1])
+        if elapsed + sleep + self._attempt_timeout(attempt + 1).total_seconds() > budget:
+            outcome = f"{self._gave_up(attempt, elapsed)}; {blocked_by}; {outcome}"
+            raise revisions.failure(exc, outcome) from exc
+        log.warning(
+            "%s in %s, attempt %d (lock_timeout %s): %s; retrying in %.1f s",
+            LOCK_WAIT_FAILURES.get(code, "an INVALID index in the way"),
+            revisions.name(failed),
+            attempt,
+            readable(self._attempt_timeout(attempt)),
+            blocked_by,
+            sleep,
+        )
+        self.retrying = (revision, attempt + 1, started)
+        return sleep
+
+    @contextmanager
+    def _attempt(self) -> Iterator[None]:
+        """One attempt of the run; in the one transaction, inside a savepoint."""
+        if not self.one_transaction:
+            yield
+            return
+        savepoint = self.connection.begin_nested()
+        _, attempt, _ = self.retrying
+        if attempt > 1:
+            self._set_config({"lock_timeout": milliseconds(self._attempt_timeout(attempt))})
+        try:
+            yield
+        except BaseException:
+            if savepoint.is_active and not self.connection.invalidated:
+                savepoint.rollback()
+            raise
+        savepoint.commit()
+
+    def _attempt_timeout(self, attempt: int) -> timedelta:
+        first, longest = self.settings.lock_timeout_first, self.settings.lock_timeout
+        if not self.settings.lock_retry_budget:
+            return longest
+        share, _ = LOCK_RETRY_SCHEDULE[min(attempt, len(LOCK_RETRY_SCHEDULE)) - 1]
+        return first + (longest - first) * share
+
+    def _gave_up(self, attempts: int, elapsed: float) -> str:
+        if not self.settings.lock_retry_budget:
+            return f"waited {readable(self.settings.lock_timeout)} for a lock ({env_var('lock_timeout')})"
+        return (
+            f"still blocked after {attempts} attempts in {elapsed:.0f} s"
+            f" ({env_var('lock_retry_budget')} is {readable(self.settings.lock_retry_budget)})"
+        )
+
+    def _blockers(self, exc: BaseException) -> str:
+        """Who holds locks on the tables the failed statement names: pid, application, transaction age."""
+        names = identifiers(getattr(exc, "statement", None) or "")
+        rows = self.connection.execute(
+            text(
+                "SELECT DISTINCT a.pid, a.application_name, extract(epoch FROM now() - a.xact_start)::float8"
+                " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                " JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(:names)"
+                " ORDER BY 3 DESC NULLS LAST LIMIT 3"
+            ),
+            {"names": names},
+        ).all()
+        if not self.one_transaction:
+            self.connection.rollback()
+        if not rows:
+            return "no session holds a lock on its tables any more"
+        return "blocked by " + ", ".join(session(*row, "transaction open") for row in rows)
+
+    def _outcome(self, revisions: Revisions, dropped: list[str], left: list[str]) -> str:
+        """What a failure of the revision that runs leaves behind, truthfully."""
+        if self.one_transaction:
+            where = "PgBouncer mode" if self.settings.pgbouncer else "the caller's transaction"
+            return f"the whole run rolled back (it runs in one transaction: {where})"
+        outcome = AFTER_A_FAILED_REVISION
+        if revisions.committed_work:
+            outcome = (
+                "it had made part of its work permanent (autocommit_block() or a commit() of its own),"
+                " which stays; the rest rolled back"
+            )
+        if dropped:
+            outcome += (
+                f"; the INVALID index {', '.join(dropped)} that its CREATE INDEX CONCURRENTLY"
+                " left behind was dropped, so that the revision can run again"
+            )
+        if left:
+            outcome += (
+                f"; its CREATE INDEX CONCURRENTLY left the INVALID index {', '.join(left)}, which could not"
+                " be dropped yet (the next run drops it before it builds the index again)"
+            )
+        return outcome
+
+    def _drop_invalid_indexes(self, exc: BaseException, wait: float) -> tuple[list[str], list[str]]:
+        """Drop the INVALID indexes that the failed statement was building, waiting at most `wait`
+        seconds; the ones dropped, and the ones left."""
+        names = identifiers(getattr(exc, "statement", None) or "")
+        if self.one_transaction or self.connection.invalidated or not names:
+            return [], []
+        query = text(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE NOT i.indisvalid AND c.relname = ANY(:names) AND pg_table_is_visible(c.oid)"
+            " AND NOT EXISTS (SELECT FROM pg_stat_progress_create_index p WHERE p.index_relid = c.oid)"
+        )
+        invalid = list(self.connection.execute(query, {"names": names}).scalars())
+        self.connection.rollback()
+        if not invalid:
+            return [], []
+        dropped = []
+        # Outside a transaction, as Alembic's autocommit_block() runs CREATE INDEX CONCURRENTLY.
+        self.connection.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            self._set_config({"lock_timeout": milliseconds(timedelta(seconds=wait))})
+            for index in invalid:
+                self.connection.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
+                dropped.append(index)
+        except DBAPIError as drop_failed:
+            index = invalid[len(dropped)]
+            log.warning("could not drop the INVALID index %s: %s", index, driver_message(drop_failed))
+        finally:
+            self._set_config({"lock_timeout": milliseconds(self._attempt_timeout(1))})
+            # SQLAlchemy tracks a transaction even in autocommit: end it before switching back.
+            self.connection.commit()
+            self.connection.execution_options(isolation_level=self.connection.default_isolation_level)
+        return dropped, invalid[len(dropped) :]
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep without blocking the event loop the connection runs on."""
+        self.connection.connection.dbapi_connection.run_async(lambda _: asyncio.sleep(seconds))
+
+    # --- 5. release ---------------------------------------------------------------
+
+    def _release(self, previous: dict[str, str]) -> None:
+        if self.connection.invalidated or self.connection.closed:
+            # The backend is gone, and its lock and settings with it.
+            return
+        if self.own_transaction:
+            if self.connection.in_transaction():
+                self.connection.rollback()
+            return
+        if not self.one_transaction and self.connection.in_transaction():
+            self.connection.rollback()
+        self._set_config(previous)
+        if self.locked and not self.one_transaction:
+            self.connection.execute(text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
+        self._end_setup_transaction()
+
+
+def offline_sql(settings: DatabaseSettings) -> list[str]:
+    """The session limits as SQL, for scripts written with --sql and applied by hand."""
+    limits = {
+        "lock_timeout": settings.lock_timeout,
+        "statement_timeout": settings.statement_timeout,
+        "idle_in_transaction_session_timeout": settings.idle_in_transaction_timeout,
+    }
+    return [f"SET {name} = '{milliseconds(value)}'" for name, value in limits.items()]
+
+
+def refuse_autocommit_block(info: MigrationInfo) -> None:
+    """A revision that uses autocommit_block() cannot run inside one transaction: say so before it runs."""
+    path = Path(info.up_revision.path)
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    if any(isinstance(node, ast.Attribute) and node.attr == "autocommit_block" for node in ast.walk(tree)):
+        raise CommandError(
+            f"{path.name} uses autocommit_block(), which cannot run inside one transaction"
+            f" ({env_var('pgbouncer')} or a caller's transaction): nothing of this run was applied;"
+            " run it through a direct connection"
+        )
+
+
+def identifiers(statement: str) -> list[str]:
+    """The names in an SQL statement, as PostgreSQL folds them (for looking up its tables)."""
+    names = re.findall(r'"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_$]*)', statement)
+    return sorted({quoted.replace('""', '"') if quoted else plain.lower() for quoted, plain in names})
+
+
+def session(pid: int, application_name: str, seconds: float | None, age: str) -> str:
+    """A session as a DBA finds it in pg_stat_activity (never its query: it may hold data)."""
+    name = f"'{application_name}'" if application_name else "no application_name"
+    # pg_stat_activity shows other roles' sessions without their times.
+    duration = f"{age} {seconds:.1f} s" if seconds is not None else f"{age} for: grant pg_read_all_stats"
+    return f"pid {pid} ({name}, {duration})"
+
+
+def jittered(seconds: float) -> float:
+    return seconds * random.uniform(0.75, 1.25)
