@@ -1,3 +1,6 @@
+# The default render's tests/test_migration_lint.py before the lint ran in one process (template
+# commit 4fed1d9): one alembic and one squawk process per revision. bench/lint.py copies it into
+# a render and times it as the baseline; it is kept as it was, not maintained.
 """Safety lint: squawk checks each revision's SQL for operations that lock or break production.
 
 Each revision's SQL comes from `alembic upgrade <down>:<rev> --sql`, which needs no
