@@ -267,8 +267,9 @@ def cannot_write(revision: Script, error: Exception, culprit: str | None) -> str
     message = str(error).strip().splitlines()
     reason = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
     if culprit and culprit != revision.revision:
+        # A merge's SQL starts from one parent: the other branch is written along with it.
         culprit_path = Path(HISTORY.script.get_revision(culprit).path)
-        reason += f", in {relative(culprit_path)}, which its range includes"
+        reason += f", raised by {relative(culprit_path)}, which --sql writes along with it"
     return (
         f"{relative(Path(revision.path))}: alembic cannot write its SQL without a database ({reason});"
         " if it must read rows or commit on its own, leave it out of the lint with a comment line"
