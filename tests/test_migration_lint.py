@@ -1,8 +1,9 @@
 """The rendered project's migration safety lint, run the way its users run it.
 
 Revisions go into a real render; the rendered tests/test_migration_lint.py then runs in
-a pytest of its own, with `alembic upgrade <down>:<rev> --sql` and squawk, and its verdict on
-each revision file is read back from a JUnit report.
+a pytest of its own (Alembic's offline SQL, then squawk), and its verdict on each revision
+file is read back from a JUnit report. Where the lint overrules squawk, or explains why
+squawk's advice may not apply, the real PostgreSQL server is asked whether that is true.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import DBAPIError
 
 from rendering import Project, render, subprocess_env
 from servers import Server
@@ -25,6 +27,10 @@ LINT_TEST = "tests/test_migration_lint.py"
 OPT_OUT = re.compile(r"^\s*#\s*squawk-ignore\b", re.MULTILINE)
 INDEX_RULE = "require-concurrent-index-creation"
 REQUIRED_RULE = "adding-required-field"
+NOT_VALID_RULE = "constraint-missing-not-valid"
+DEFAULT_RULE = "adding-field-with-default"
+INDEX_DROP_RULE = "require-concurrent-index-deletion"
+TYPE_RULE = "changing-column-type"
 
 
 def revision_file(revision: str, down: str | tuple[str, ...] | None, upgrade: str, comment: str = "") -> str:
@@ -40,12 +46,16 @@ def revision_file(revision: str, down: str | tuple[str, ...] | None, upgrade: st
 
 @dataclass
 class Verdict:
-    outcome: str  # "passed" or "failed"
+    outcome: str  # "passed", "failed" or "skipped"
     message: str
 
 
+SETTINGS_TEST = "test_lint_settings"
+
+
 def run_lint(project: Path) -> dict[str, Verdict]:
-    """Run the rendered lint; its verdict on each revision, by file name."""
+    """Run the rendered lint; its verdict on each revision, by file name (and on the
+    [tool.migration_lint] settings, as SETTINGS_TEST)."""
     report = project / "lint-report.xml"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", LINT_TEST, "-p", "no:cacheprovider", f"--junitxml={report}", "-q"],
@@ -58,11 +68,25 @@ def run_lint(project: Path) -> dict[str, Verdict]:
     assert report.is_file(), result.stdout + result.stderr
     verdicts = {}
     for case in ET.parse(report).getroot().iter("testcase"):
-        # test_revision_is_safe_for_postgresql[<revision file>]
-        name = case.get("name", "").partition("[")[2].removesuffix("]")
+        # test_revision_is_safe_for_postgresql[<revision file>], or test_lint_settings
+        test, _, parameter = case.get("name", "").partition("[")
+        name = parameter.removesuffix("]") or test
         problem = case.find("failure") if case.find("failure") is not None else case.find("error")
-        verdicts[name] = Verdict("passed", "") if problem is None else Verdict("failed", problem.text or "")
+        skipped = case.find("skipped")
+        if problem is not None:
+            verdicts[name] = Verdict("failed", problem.text or "")
+        elif skipped is not None:
+            verdicts[name] = Verdict("skipped", skipped.get("message", ""))
+        else:
+            verdicts[name] = Verdict("passed", "")
     return verdicts
+
+
+def write_history(project: Path, history: dict[str, tuple[str | tuple[str, ...] | None, str, str]]) -> None:
+    """Revision files into the render: {file: (down_revision, upgrade body, comment lines)}."""
+    versions = project / "migrations" / "versions"
+    for name, (down, upgrade, comment) in history.items():
+        (versions / name).write_text(revision_file(name.split("_", 1)[0], down, upgrade, comment))
 
 
 # Revisions after 0001, each on the table that 0001 creates (one with data in production).
@@ -75,6 +99,12 @@ op.create_table(
     sa.PrimaryKeyConstraint("id", name=op.f("pk_account")),
 )
 op.create_index(op.f("ix_account_email"), "account", ["email"], unique=True)
+"""
+
+COMMITS_ON_ITS_OWN = """
+op.get_bind().commit()
+with op.get_context().autocommit_block():
+    op.execute("ALTER TYPE event_kind ADD VALUE IF NOT EXISTS 'logout'")
 """
 
 REVISIONS: dict[str, tuple[str | tuple[str, ...], str, str]] = {
@@ -145,22 +175,109 @@ REVISIONS: dict[str, tuple[str | tuple[str, ...], str, str]] = {
         "# squawk-ignore require-concurrent-index-creation: account has 40 rows (illustration)",
     ),
     "0012_merge.py": (("0011a", "0011b"), "pass", ""),
+    # Tables with indexes, no primary key yet, and an enum.
+    "0013_create_events.py": (
+        "0012",
+        """
+        op.create_table(
+            "event",
+            sa.Column("id", sa.Integer(), nullable=False),
+            sa.Column("kind", sa.Enum("signup", "login", name="event_kind"), nullable=False),
+        )
+        op.create_index(op.f("ix_event_kind"), "event", ["kind"])
+        op.create_table("audit", sa.Column("id", sa.Integer(), nullable=False), sa.Column("at", sa.DateTime()))
+        op.create_index(op.f("ix_audit_at"), "audit", ["at"])
+        op.create_table("archive", sa.Column("id", sa.Integer(), nullable=False))
+        """,
+        "",
+    ),
+    # Revisions that --sql cannot write: the offline connection returns no rows and cannot commit.
+    "0014_data_migration_reads_rows.py": (
+        "0013",
+        """
+        rows = op.get_bind().execute(sa.text("SELECT id, email FROM account")).fetchall()
+        for id_, email in rows:
+            update = sa.text("UPDATE account SET email = :email WHERE id = :id")
+            op.execute(update.bindparams(email=email.lower(), id=id_))
+        """,
+        "",
+    ),
+    "0015_index_after_unwritable.py": ("0014", 'op.create_index("ix_account_note", "account", ["note"])', ""),
+    "0016_commits_before_autocommit_block.py": ("0015", COMMITS_ON_ITS_OWN, ""),
+    "0017_commits_skipped.py": (
+        "0016",
+        COMMITS_ON_ITS_OWN,
+        "# squawk-skip: commits before its autocommit block, which --sql cannot write; adds an enum value only",
+    ),
+    "0018_skip_without_reason.py": (
+        "0017",
+        "op.execute(\"UPDATE account SET tier = 'basic' WHERE tier IS NULL\")",
+        "# squawk-skip",
+    ),
+    # Where squawk's advice is wrong for PostgreSQL (or, for a type change, may be).
+    "0019_text_to_varchar.py": (
+        "0018",
+        'op.alter_column("account", "note", type_=sa.String(), existing_type=sa.Text(), existing_nullable=True)',
+        "",
+    ),
+    "0020_unique_constraint.py": (
+        "0019",
+        'op.create_unique_constraint("uq_account_region", "account", ["region"])',
+        "",
+    ),
+    "0021_primary_key.py": ("0020", 'op.create_primary_key("pk_event", "event", ["id"])', ""),
+    "0022_primary_key_using_index.py": (
+        "0021",
+        """
+        with op.get_context().autocommit_block():
+            op.create_index("pk_audit", "audit", ["id"], unique=True, postgresql_concurrently=True)
+        op.execute("ALTER TABLE audit ADD CONSTRAINT pk_audit PRIMARY KEY USING INDEX pk_audit")
+        """,
+        "",
+    ),
+    "0023_stable_defaults.py": (
+        "0022",
+        """
+        seen = sa.Column("seen", sa.DateTime(), server_default=sa.text("LOCALTIMESTAMP"), nullable=False)
+        op.add_column("account", seen)
+        op.add_column("account", sa.Column("joined", sa.Date(), server_default=sa.func.current_date(), nullable=False))
+        """,
+        "",
+    ),
+    "0024_volatile_default.py": (
+        "0023",
+        'op.add_column("account", sa.Column("checked", sa.DateTime(), server_default=sa.text("clock_timestamp()")))',
+        "",
+    ),
+    "0025_drop_table_and_its_index.py": (
+        "0024",
+        """
+        op.drop_index(op.f("ix_event_kind"), table_name="event")
+        op.drop_table("event")
+        """,
+        "# squawk-ignore ban-drop-table: nothing reads event since release 2.3 (illustration)",
+    ),
+    "0026_drop_index_of_a_kept_table.py": (
+        "0025",
+        """
+        op.drop_index(op.f("ix_audit_at"), table_name="audit")
+        op.drop_table("archive")
+        """,
+        "# squawk-ignore ban-drop-table: nothing reads archive since release 2.3 (illustration)",
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Verdict]:
     project = render(tmp_path_factory.mktemp("lint"))
-    versions = project / "migrations" / "versions"
-    (versions / "0001_create_account.py").write_text(revision_file("0001", None, CREATE_ACCOUNT))
-    for name, (down, upgrade, comment) in REVISIONS.items():
-        revision = name.split("_", 1)[0]
-        (versions / name).write_text(revision_file(revision, down, upgrade, comment))
+    write_history(project, {"0001_create_account.py": (None, CREATE_ACCOUNT, ""), **REVISIONS})
     return run_lint(project)
 
 
 def test_every_revision_is_linted(verdicts: dict[str, Verdict]) -> None:
-    assert set(verdicts) == {"0001_create_account.py", *REVISIONS}
+    assert set(verdicts) == {SETTINGS_TEST, "0001_create_account.py", *REVISIONS}
+    assert verdicts[SETTINGS_TEST].outcome == "passed", verdicts[SETTINGS_TEST].message
 
 
 @pytest.mark.parametrize(
@@ -186,6 +303,49 @@ def test_every_revision_is_linted(verdicts: dict[str, Verdict]) -> None:
             "CREATE INDEX ix_account_tier ON account (tier);",
             REQUIRED_RULE,
             id="opt-out-skips-only-the-named-rule",
+        ),
+        pytest.param(
+            "0015_index_after_unwritable.py",
+            INDEX_RULE,
+            "CREATE INDEX ix_account_note ON account (note);",
+            None,
+            id="linted-after-a-revision-that-cannot-be-written",
+        ),
+        # squawk also asks for NOT VALID here, which PostgreSQL refuses for these constraints.
+        pytest.param(
+            "0020_unique_constraint.py",
+            "disallowed-unique-constraint",
+            "ALTER TABLE account ADD CONSTRAINT uq_account_region UNIQUE (region);",
+            NOT_VALID_RULE,
+            id="unique-constraint-without-not-valid-advice",
+        ),
+        pytest.param(
+            "0021_primary_key.py",
+            "adding-serial-primary-key-field",
+            "ALTER TABLE event ADD CONSTRAINT pk_event PRIMARY KEY (id);",
+            NOT_VALID_RULE,
+            id="primary-key-without-not-valid-advice",
+        ),
+        pytest.param(
+            "0024_volatile_default.py",
+            DEFAULT_RULE,
+            "ALTER TABLE account ADD COLUMN checked TIMESTAMP WITHOUT TIME ZONE DEFAULT clock_timestamp();",
+            None,
+            id="volatile-default",
+        ),
+        pytest.param(
+            "0026_drop_index_of_a_kept_table.py",
+            INDEX_DROP_RULE,
+            "DROP INDEX ix_audit_at;",
+            None,
+            id="index-drop-on-a-table-the-revision-keeps",
+        ),
+        pytest.param(
+            "0019_text_to_varchar.py",
+            TYPE_RULE,
+            "ALTER TABLE account ALTER COLUMN note TYPE VARCHAR;",
+            None,
+            id="type-change",
         ),
     ],
 )
@@ -214,6 +374,11 @@ def test_dangerous_revision_fails_naming_file_and_rule(
         pytest.param("0008_opt_out_with_reason.py", id="opt-out-with-reason"),
         pytest.param("0011b_branch_opted_out.py", id="branch-opted-out"),
         pytest.param("0012_merge.py", id="merge-not-blamed-for-its-branches"),
+        pytest.param("0013_create_events.py", id="new-tables-with-indexes-and-enum"),
+        # Where squawk's advice is wrong for PostgreSQL (test_postgresql_agrees below).
+        pytest.param("0022_primary_key_using_index.py", id="primary-key-using-index-built-concurrently"),
+        pytest.param("0023_stable_defaults.py", id="not-null-columns-with-localtimestamp-current-date"),
+        pytest.param("0025_drop_table_and_its_index.py", id="index-dropped-with-its-table"),
     ],
 )
 def test_safe_revision_passes(verdicts: dict[str, Verdict], revision: str) -> None:
@@ -226,6 +391,238 @@ def test_opt_out_without_reason_fails(verdicts: dict[str, Verdict]) -> None:
     assert re.search(
         r"migrations/versions/0009_opt_out_without_reason\.py:\d+: say why the rule is safe here", verdict.message
     )
+
+
+@pytest.mark.parametrize(
+    ("revision", "error"),
+    [
+        pytest.param(
+            "0014_data_migration_reads_rows.py",
+            "AttributeError: 'NoneType' object has no attribute 'fetchall'",
+            id="data-migration-reads-rows",
+        ),
+        pytest.param(
+            "0016_commits_before_autocommit_block.py",
+            "AttributeError: 'MockConnection' object has no attribute 'commit'",
+            id="commits-on-its-own",
+        ),
+    ],
+)
+def test_revision_that_cannot_be_written_offline_fails_in_one_line(
+    verdicts: dict[str, Verdict], revision: str, error: str
+) -> None:
+    verdict = verdicts[revision]
+    assert verdict.outcome == "failed"
+    [line] = verdict.message.strip().splitlines()
+    assert line.startswith(f"migrations/versions/{revision}: alembic cannot write its SQL without a database")
+    assert f"({error})" in line
+    assert line.endswith("# squawk-skip: <reason>")
+
+
+def test_skip_marker_leaves_the_revision_out(verdicts: dict[str, Verdict]) -> None:
+    verdict = verdicts["0017_commits_skipped.py"]
+    assert verdict.outcome == "skipped"
+    assert "migrations/versions/0017_commits_skipped.py: squawk-skip: commits before its autocommit block" in (
+        verdict.message
+    )
+
+
+def test_skip_marker_without_reason_fails(verdicts: dict[str, Verdict]) -> None:
+    verdict = verdicts["0018_skip_without_reason.py"]
+    assert verdict.outcome == "failed"
+    assert re.search(
+        r"migrations/versions/0018_skip_without_reason\.py:\d+: say why the lint leaves this revision out:"
+        r" `# squawk-skip: <reason>`",
+        verdict.message,
+    )
+
+
+def test_type_change_says_when_it_is_safe(verdicts: dict[str, Verdict]) -> None:
+    """squawk cannot see the old type in the SQL: the lint keeps the rule and says when to accept it."""
+    message = verdicts["0019_text_to_varchar.py"].message
+    assert f"  {TYPE_RULE}: " in message
+    assert "    note: PostgreSQL rewrites nothing, and holds the lock only for a moment" in message
+    assert "text or varchar(n) to text or to varchar without a length, varchar(n) to a longer varchar" in message
+
+
+# PostgreSQL agrees with the lint where it overrules squawk, or explains why squawk may be wrong.
+
+
+def table_rewritten(postgres: Server, setup: str, statement: str) -> bool:
+    """Whether `statement` gives the table `account` new storage (a rewrite), on the real server."""
+    database = postgres.create_database().database
+    postgres.execute(
+        "CREATE TABLE account (id INTEGER NOT NULL, note TEXT, name VARCHAR(100))",
+        "INSERT INTO account SELECT n, 'note ' || n, 'name ' || n FROM generate_series(1, 1000) AS n",
+        *([setup] if setup else []),
+        database=database,
+    )
+    storage = "SELECT relfilenode FROM pg_class WHERE relname = 'account'"
+    [before] = postgres.execute(storage, database=database)
+    postgres.execute(statement, database=database)
+    return postgres.execute(storage, database=database) != [before]
+
+
+@pytest.mark.parametrize(
+    ("setup", "statement", "rewritten"),
+    [
+        # adding-field-with-default: the lint drops squawk's finding for SQL's date and time values.
+        *(
+            pytest.param("", f"ALTER TABLE account ADD COLUMN at {type_} DEFAULT {default} NOT NULL", False, id=default)
+            for type_, default in [
+                ("TIMESTAMP WITHOUT TIME ZONE", "LOCALTIMESTAMP"),
+                ("TIMESTAMP WITHOUT TIME ZONE", "LOCALTIMESTAMP(3)"),
+                ("TIMESTAMP WITH TIME ZONE", "CURRENT_TIMESTAMP(3)"),
+                ("DATE", "CURRENT_DATE"),
+                ("TIME WITHOUT TIME ZONE", "LOCALTIME"),
+                ("TIME WITH TIME ZONE", "CURRENT_TIME"),
+            ]
+        ),
+        pytest.param(
+            "",
+            "ALTER TABLE account ADD COLUMN at TIMESTAMP DEFAULT clock_timestamp()",
+            True,
+            id="volatile-default-still-reported",
+        ),
+        # changing-column-type: what the lint's note says about binary-compatible types.
+        pytest.param("", "ALTER TABLE account ALTER COLUMN note TYPE VARCHAR", False, id="text-to-varchar"),
+        pytest.param("", "ALTER TABLE account ALTER COLUMN name TYPE TEXT", False, id="varchar-n-to-text"),
+        pytest.param("", "ALTER TABLE account ALTER COLUMN name TYPE VARCHAR", False, id="varchar-n-to-varchar"),
+        pytest.param("", "ALTER TABLE account ALTER COLUMN name TYPE VARCHAR(200)", False, id="varchar-n-longer"),
+        pytest.param(
+            "CREATE INDEX ix_account_note ON account (note)",
+            "ALTER TABLE account ALTER COLUMN note TYPE VARCHAR",
+            False,
+            id="text-to-varchar-indexed",
+        ),
+        pytest.param("", "ALTER TABLE account ALTER COLUMN note TYPE VARCHAR(200)", True, id="text-to-varchar-n"),
+        pytest.param("", "ALTER TABLE account ALTER COLUMN name TYPE VARCHAR(50)", True, id="varchar-n-shorter"),
+    ],
+)
+def test_postgresql_rewrites_only_where_the_lint_says(
+    postgres: Server, setup: str, statement: str, rewritten: bool
+) -> None:
+    assert table_rewritten(postgres, setup, statement) is rewritten
+
+
+@pytest.mark.parametrize("constraint", ["PRIMARY KEY (id)", "UNIQUE (id)"])
+def test_postgresql_refuses_not_valid_on_key_constraints(postgres: Server, constraint: str) -> None:
+    """What squawk's constraint-missing-not-valid asks for here; the lint drops that finding."""
+    database = postgres.create_database().database
+    postgres.execute("CREATE TABLE account (id INTEGER NOT NULL)", database=database)
+    with pytest.raises(DBAPIError) as refused:
+        postgres.execute(f"ALTER TABLE account ADD CONSTRAINT account_key {constraint} NOT VALID", database=database)
+    assert refused.value.orig.sqlstate == "0A000"  # feature_not_supported
+
+
+def test_drop_table_takes_the_lock_that_drop_index_takes(postgres: Server) -> None:
+    """Why the lint drops require-concurrent-index-deletion for an index of a table the revision drops."""
+    database = postgres.create_database().database
+    postgres.execute("CREATE TABLE event (kind TEXT)", "CREATE INDEX ix_event_kind ON event (kind)", database=database)
+    locks = (
+        "SELECT l.mode FROM pg_locks AS l JOIN pg_class AS c ON c.oid = l.relation"
+        " WHERE c.relname = 'event' AND l.pid <> pg_backend_pid()"
+    )
+    held = {}
+    for statement in ["DROP INDEX ix_event_kind", "DROP TABLE event"]:
+        with postgres.holding(database, statement):
+            held[statement] = postgres.execute(locks, database=database)
+    assert held == {
+        "DROP INDEX ix_event_kind": [("AccessExclusiveLock",)],
+        "DROP TABLE event": [("AccessExclusiveLock",)],
+    }
+
+
+# A baseline: revisions up to it are neither linted nor written.
+# Each revision leaves a trace when Alembic runs its upgrade(), to write its SQL.
+
+TRACE = 'open(__file__ + ".ran", "w").close()'
+BASELINE = "b03a"
+BASELINE_HISTORY: dict[str, tuple[str | tuple[str, ...] | None, str, str]] = {
+    "b01_create_account.py": (None, f"{TRACE}\n{CREATE_ACCOUNT}", ""),
+    "b02_index.py": ("b01", f'{TRACE}\nop.create_index("ix_account_created", "account", ["created"])', ""),
+    # The baseline, and a branch beside it that is not one of its ancestors.
+    "b03a_reads_rows.py": ("b02", f'{TRACE}\nop.get_bind().execute(sa.text("SELECT id FROM account")).fetchall()', ""),
+    "b03b_index.py": ("b02", f'{TRACE}\nop.create_index("ix_account_email2", "account", ["email"])', ""),
+    "b04_merge.py": (("b03a", "b03b"), TRACE, ""),
+    "b05_index.py": ("b04", f'{TRACE}\nop.create_index("ix_account_id", "account", ["id"])', ""),
+}
+AFTER_BASELINE = {"b03b_index.py", "b04_merge.py", "b05_index.py"}
+
+
+def baseline_project(path: Path, settings: str) -> Path:
+    """A render with BASELINE_HISTORY and `settings` as [tool.migration_lint] in pyproject.toml."""
+    project = render(path)
+    write_history(project, BASELINE_HISTORY)
+    with (project / "pyproject.toml").open("a") as pyproject:
+        pyproject.write(f"\n[tool.migration_lint]\n{settings}\n")
+    return project
+
+
+@pytest.fixture(scope="module")
+def after_baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Verdict]]:
+    project = baseline_project(tmp_path_factory.mktemp("baseline"), f'baseline = "{BASELINE}"')
+    return project, run_lint(project)
+
+
+def test_baseline_and_its_ancestors_are_not_linted(after_baseline: tuple[Path, dict[str, Verdict]]) -> None:
+    _, verdicts = after_baseline
+    assert set(verdicts) == {SETTINGS_TEST, *AFTER_BASELINE}
+    assert verdicts[SETTINGS_TEST].outcome == "passed", verdicts[SETTINGS_TEST].message
+
+
+def test_baseline_and_its_ancestors_are_not_written(after_baseline: tuple[Path, dict[str, Verdict]]) -> None:
+    """Not even run offline: an adopted history may hold revisions that cannot be."""
+    project, _ = after_baseline
+    ran = {path.name.removesuffix(".ran") for path in (project / "migrations" / "versions").glob("*.ran")}
+    assert ran == AFTER_BASELINE
+
+
+@pytest.mark.parametrize(
+    ("revision", "outcome"),
+    [
+        pytest.param("b03b_index.py", "failed", id="branch-beside-the-baseline"),
+        pytest.param("b04_merge.py", "passed", id="merge-of-the-baseline-and-a-branch"),
+        pytest.param("b05_index.py", "failed", id="after-the-merge"),
+    ],
+)
+def test_revisions_after_the_baseline_are_linted(
+    after_baseline: tuple[Path, dict[str, Verdict]], revision: str, outcome: str
+) -> None:
+    _, verdicts = after_baseline
+    assert verdicts[revision].outcome == outcome, verdicts[revision].message
+    if outcome == "failed":
+        assert f"migrations/versions/{revision}: operations that can lock or break production" in (
+            verdicts[revision].message
+        )
+        assert f"  {INDEX_RULE}: " in verdicts[revision].message
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        pytest.param(
+            'baseline = "c0ffee"',
+            "pyproject.toml: [tool.migration_lint] baseline = 'c0ffee' is not a revision of migrations",
+            id="unknown-revision",
+        ),
+        pytest.param(
+            'baseline = "head"',
+            "pyproject.toml: [tool.migration_lint] baseline = 'head' is not a revision of migrations",
+            id="head-moves-on",
+        ),
+        pytest.param(
+            'base_line = "b02"',
+            "pyproject.toml: [tool.migration_lint] has `baseline` only, not ['base_line']",
+            id="misspelt-setting",
+        ),
+    ],
+)
+def test_wrong_baseline_fails_naming_pyproject(tmp_path: Path, settings: str, problem: str) -> None:
+    verdicts = run_lint(baseline_project(tmp_path, settings))
+    assert not [name for name in verdicts if name.endswith(".py")], "nothing is linted until the baseline is fixed"
+    assert verdicts[SETTINGS_TEST].outcome == "failed"
+    assert problem in verdicts[SETTINGS_TEST].message
 
 
 # Autogenerate against a real PostgreSQL: what users actually commit.
