@@ -99,7 +99,9 @@ def ini_values(path: Path) -> dict[str, dict[str, str]]:
 def load_yaml_files(project: Path, slug: str = "my-service") -> dict[str, Any]:
     """Every YAML file, parsed; the project slug (validated, used in resource names) as the default one."""
     return {
-        path.relative_to(project).as_posix(): yaml.safe_load(path.read_text().replace(slug, "my-service"))
+        path.relative_to(project).as_posix(): yaml.safe_load(
+            re.sub(rf"(?<![A-Za-z0-9]){re.escape(slug)}(?![A-Za-z0-9_])", "my-service", path.read_text())
+        )
         for path in sorted([*project.rglob("*.yml"), *project.rglob("*.yaml")])
     }
 
