@@ -168,10 +168,17 @@ class Project:
         settings = self.module("settings").DatabaseSettings.load(url=url.render_as_string(hide_password=False))
         return self.module("database").engine_for(settings)
 
-    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        """`alembic ARGS` in a subprocess, in the project directory, with `env` added."""
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 120, network: bool = True
+    ) -> subprocess.CompletedProcess:
+        """`alembic ARGS` in a subprocess, in the project directory, with `env` added.
+
+        network=False runs it with no network at all (a namespace of its own, loopback
+        down): a host name that a bug would send to a DNS resolver goes nowhere.
+        """
+        isolated = [] if network else ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
         return subprocess.run(
-            [sys.executable, "-m", "alembic", *args],
+            [*isolated, sys.executable, "-m", "alembic", *args],
             cwd=self.path,
             env=subprocess_env(**(env or {})),
             capture_output=True,
