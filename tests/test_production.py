@@ -219,8 +219,10 @@ def test_password_never_printed(service: Service) -> None:
         service.alembic("upgrade", "head"),  # Alembic's own INFO logging
         service.alembic("upgrade", "head", "--sql"),
         service.alembic("current", DATABASE_URL=url_string(service.url.set(port=free_port()))),
-        service.alembic("current", DATABASE_URL=url_string(service.url.set(host="no-such-host.invalid"))),
-        service.alembic("current", DATABASE_URL=url_string(service.url).replace("@", "@@")),
+        service.alembic(
+            "current", DATABASE_URL=url_string(service.url.set(host="no-such-host.invalid")), network=False
+        ),
+        service.alembic("current", DATABASE_URL=url_string(service.url).replace("@", "@@"), network=False),
         service.alembic("current", DATABASE_URL=url_string(service.url.set(username="nobody"))),
     ]
     assert runs[0].returncode == 0
