@@ -48,11 +48,11 @@ def alembic_engine(test_database_url: str) -> AsyncEngine:
     """The engine pytest-alembic hands env.py (as config.attributes["connection"]), for an
     empty database: each check starts from scratch, whatever an earlier one left behind."""
     engine = engine_for(DatabaseSettings.load(url=test_database_url), poolclass=NullPool)
-    asyncio.run(emptied(engine))
+    asyncio.run(empty(engine))
     return engine
 
 
-async def emptied(engine: AsyncEngine) -> None:
+async def empty(engine: AsyncEngine) -> None:
     async with engine.begin() as connection:
         await connection.run_sync(drop_everything)
 
