@@ -16,6 +16,7 @@ from pytest_alembic.tests import test_single_head_revision, test_up_down_consist
 from sqlalchemy import Connection, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+# pytest runs the test functions a test module imports as that module's own.
 __all__ = ["test_single_head_revision", "test_up_down_consistency", "test_upgrade"]
 
 
