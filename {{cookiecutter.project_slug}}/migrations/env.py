@@ -9,9 +9,6 @@ import gc
 from logging.config import fileConfig
 
 from alembic import context
-{% if cookiecutter.database != "postgresql" %}
-from alembic.util import CommandError
-{% endif %}
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_engine_from_config
@@ -77,9 +74,9 @@ def do_run_migrations(connection: Connection) -> None:
     revisions = migrate.Revisions(context, connection, **OPTIONS)
     try:
         revisions.run()
-    except CommandError:
-        raise
     except Exception as exc:
+        if not revisions.explains(exc):
+            raise
         raise revisions.failure(exc) from exc
 {% endif %}
 

@@ -344,6 +344,12 @@ class Revisions:
             return "the database has no revision applied"
         return f"the database is at {', '.join(self.heads)}"
 
+    def explains(self, exc: BaseException) -> bool:
+        """Whether `exc` is a migration's failure, for one FAILED line: raised while a revision
+        ran, or by the database. Anything else (an autogenerate hook's own exception, say)
+        goes on as it is."""
+        return not isinstance(exc, CommandError) and (self.running is not None or isinstance(exc, DBAPIError))
+
     def failure(self, exc: BaseException, outcome: str = AFTER_A_FAILED_REVISION) -> CommandError:
         """The CommandError (one FAILED: line) for `exc`, raised while a revision ran."""
         if isinstance(exc, DBAPIError):

@@ -217,9 +217,9 @@ class MigrationSession:
             except _LockFirst:
                 self._take_lock()
                 revisions.replan()
-            except CommandError:
-                raise
             except Exception as exc:
+                if not revisions.explains(exc):
+                    raise
                 self._sleep(self._after_failed_attempt(revisions, exc))
 
     def _after_failed_attempt(self, revisions: Revisions, exc: Exception) -> float:
