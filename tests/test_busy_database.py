@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from alembic.util import CommandError
 
 from rendering import failed_line
 from servers import pgbouncer, silent_proxy, url_string
@@ -109,23 +110,83 @@ def test_connection_killed_mid_run_keeps_what_committed(service: Service, tmp_pa
     assert service.version() == [("0002_killed",)]
 
 
-def test_a_revision_that_commits_on_its_own_cannot_fake_success(service: Service) -> None:
-    """`op.get_bind().commit()` inside a revision: the run ends where its log says."""
-    service.add_revision(
-        "0002_commits",
-        "0001",
-        """
-        op.create_table("before_commit", sa.Column("id", sa.Integer))
-        op.get_bind().commit()
-        op.create_table("after_commit", sa.Column("id", sa.Integer))
-        """,
-    )
-    service.add_revision("0003_last", "0002_commits", 'op.create_table("last", sa.Column("id", sa.Integer))')
+# --- what a revision does to its transaction: no faked success ---------------------------
+
+# A run of 0001 (table "thing"), 0002_first, 0003_middle and 0004_last, one of which does
+# something to the transaction it runs in. Each body creates table "early" before that, "late" after.
+EARLY = 'op.create_table("early", sa.Column("id", sa.Integer))'
+LATE = 'op.create_table("late", sa.Column("id", sa.Integer))'
+CONCURRENT_INDEX = """
+with op.get_context().autocommit_block():
+    op.create_index("ix_thing_name", "thing", ["name"], postgresql_concurrently=True)
+"""
+TRANSACTION_ENDINGS = {
+    # id: (the revision that does it, its upgrade body)
+    "commit": ("0003_middle", f"{EARLY}\nop.get_bind().commit()\n{LATE}"),
+    # Warehouse's way to CREATE INDEX CONCURRENTLY: autocommit_block() then finds no transaction.
+    "commit-then-autocommit-block": ("0003_middle", f"{EARLY}\nop.get_bind().commit()\n{CONCURRENT_INDEX}\n{LATE}"),
+    "commit-then-begin": ("0003_middle", f"{EARLY}\nop.get_bind().commit()\nop.get_bind().begin()\n{LATE}"),
+    "commit-at-the-end-of-the-last-revision": ("0004_last", f"{EARLY}\n{LATE}\nop.get_bind().commit()"),
+    "rollback": ("0003_middle", f"{EARLY}\nop.get_bind().rollback()\n{LATE}"),
+    "sql-commit": ("0003_middle", f'{EARLY}\nop.execute("COMMIT")\n{LATE}'),
+}
+PLAIN = {"0003_middle": 'op.create_table("middle", sa.Column("id", sa.Integer))', "0004_last": "pass"}
+
+
+def ending_history(service: Service, where: str, body: str) -> str:
+    """The run above with `body` in revision `where`; that revision's file."""
+    service.add_revision("0002_first", "0001", 'op.create_table("first", sa.Column("id", sa.Integer))')
+    for revision, down in (("0003_middle", "0002_first"), ("0004_last", "0003_middle")):
+        service.add_revision(revision, down, body if revision == where else PLAIN[revision])
+    return f"migrations/versions/{where}.py"
+
+
+def last_logged(stderr: str) -> str:
+    """The revision of the last `Running upgrade A -> B` line."""
+    return [line.rpartition(" -> ")[2].split(",")[0] for line in stderr.splitlines() if "Running upgrade" in line][-1]
+
+
+@pytest.mark.parametrize("ending", TRANSACTION_ENDINGS)
+def test_a_revision_that_ends_its_transaction_cannot_fake_success(service: Service, ending: str) -> None:
+    """Whatever the revision does to its transaction, the run ends where its log says, and a
+    second run finds nothing to do (instead of failing on "already exists")."""
+    ending_history(service, *TRANSACTION_ENDINGS[ending])
     result = service.alembic("upgrade", "head")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Running upgrade 0002_commits -> 0003_last" in result.stderr
-    assert service.version() == [("0003_last",)]
-    assert {"before_commit", "after_commit", "last"} <= service.tables()
+    assert last_logged(result.stderr) == "0004_last" and service.version() == [("0004_last",)]
+    # A rollback() drops what the revision did before it, as it asked; everything else is there.
+    assert {"first", "late"} <= service.tables()
+    assert ("early" in service.tables()) is (ending != "rollback")
+    if ending == "commit-then-autocommit-block":
+        valid = service.query("SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_thing_name'::regclass")
+        assert valid == [(True,)]
+    again = service.alembic("upgrade", "head")
+    assert again.returncode == 0 and "Running upgrade" not in again.stderr, again.stdout + again.stderr
+
+
+FAILS = 'op.execute("SELECT no_such_function()")'
+PERMANENT = "it had made part of its work permanent (autocommit_block() or a commit() of its own), which stays"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(f"{EARLY}\nop.get_bind().commit()\n{LATE}\n{FAILS}", PERMANENT, id="commit-then-error"),
+        pytest.param(f'{EARLY}\nop.execute("COMMIT")\n{LATE}\n{FAILS}', PERMANENT, id="sql-commit-then-error"),
+        # Alembic's transaction is open: SQLAlchemy refuses a second one.
+        pytest.param(f"{EARLY}\nop.get_bind().begin()", "InvalidRequestError", id="begin"),
+    ],
+)
+def test_a_revision_that_ends_its_transaction_then_fails_says_what_stays(
+    service: Service, body: str, message: str
+) -> None:
+    """One FAILED line (no traceback) naming the revision, and where the database really is."""
+    revision = ending_history(service, "0003_middle", body)
+    line = failed_line(service.alembic("upgrade", "head"))
+    assert f"{revision} failed" in line and message in line
+    assert "the database is at 0002_first" in line and service.version() == [("0002_first",)]
+    # What it says stays is there; what it says rolled back is not.
+    assert ("early" in service.tables()) is (message == PERMANENT)
 
 
 # --- short lock waits, retried -------------------------------------------------------
@@ -470,6 +531,42 @@ def test_pgbouncer_mode_retries_the_whole_run(service: Service, tmp_path: Path) 
     assert "the database is at 0003_more" in line
 
 
+@pytest.mark.parametrize(
+    ("ending", "line_says", "version", "made"),
+    [
+        pytest.param("commit", "the database is at 0002_first", "0002_first", {"first", "early"}, id="commit"),
+        pytest.param(
+            "commit-at-the-end-of-the-last-revision",
+            "the database is at 0003_middle",
+            "0003_middle",
+            {"first", "middle", "early", "late"},
+            id="commit-at-the-end-of-the-last-revision",
+        ),
+        pytest.param("rollback", "the database has no revision applied", None, set(), id="rollback"),
+        # After a COMMIT in SQL each statement commits on its own, the version row included.
+        pytest.param(
+            "sql-commit",
+            "`alembic current` shows where the database is",
+            "0003_middle",
+            {"first", "early", "late"},
+            id="sql-commit",
+        ),
+    ],
+)
+def test_pgbouncer_mode_a_revision_that_ends_the_one_transaction_fails_naming_it(
+    service: Service, ending: str, line_says: str, version: str | None, made: set[str]
+) -> None:
+    """The migration lock and the SET LOCAL limits end with the run's one transaction: the run
+    stops with one FAILED line naming the revision, and the database is where the line says."""
+    revision = ending_history(service, *TRANSACTION_ENDINGS[ending])
+    with pgbouncer(service.server, service.url) as bouncer_url:
+        result = service.alembic("upgrade", "head", DATABASE_URL=url_string(bouncer_url), DATABASE_PGBOUNCER="true")
+    line = failed_line(result)
+    assert f"{revision} ended the one transaction that the whole run shares" in line and line_says in line
+    assert service.version() == ([(version,)] if version else [])
+    assert service.tables() - {"alembic_version", "thing"} == made
+
+
 # --- the Python API under concurrency --------------------------------------------------
 
 
@@ -504,3 +601,24 @@ def test_cancelling_upgrade_async_cancels_the_migration(service: Service, monkey
         asyncio.run(startup_cancelled())
     wait_for(lambda: not service.migration_backends(), "the migration's backend to end", timeout=10)
     assert service.version() == [("0001",)] and service.locked_tables() == set()
+
+
+def test_a_revision_that_commits_the_callers_transaction_fails_naming_it(service: Service) -> None:
+    """upgrade_async(connection=...) inside the caller's transaction runs in that one transaction."""
+    revision = ending_history(service, *TRANSACTION_ENDINGS["commit"])
+    with service.project.activated():
+        migrate = service.project.module("migrate")
+
+        async def in_a_transaction() -> None:
+            engine = service.project.engine(service.url)
+            try:
+                async with engine.connect() as connection, connection.begin():
+                    await migrate.upgrade_async(connection=connection)
+            finally:
+                await engine.dispose()
+
+        with pytest.raises(CommandError) as failed:
+            asyncio.run(in_a_transaction())
+    message = str(failed.value)
+    assert f"{revision} ended the one transaction that the whole run shares (a commit() of its own)" in message
+    assert "the database is at 0002_first" in message and service.version() == [("0002_first",)]

@@ -46,26 +46,36 @@ TEXT_ONLY = {"project_name", "project_slug", "package_name", "description"}
 # Free text that changes what renders, and the values that must each appear.
 FREE_TEXT = {"env_prefix": ["", "APP_"]}
 # The columns of the table: every other option of cookiecutter.json.
-COLUMNS = ("database", "env_prefix", "python_version", "github_actions", "migration_lint", "deploy_files")
+COLUMNS = (
+    "database",
+    "env_prefix",
+    "python_version",
+    "github_actions",
+    "migration_lint",
+    "deploy_files",
+    "naming_convention",
+)
 
 # Supported combinations. deploy_files changes no file that the rendered suite runs
-# (test_deploy.py validates and runs those files), so it takes its turns in rows that run anyway.
+# (test_deploy.py validates and runs those files), so it takes its turns in rows that run anyway;
+# naming_convention changes only models.py and the README (see
+# test_naming_convention_changes_only_the_models_and_the_readme), so one row has it off.
 # fmt: off
 SUPPORTED_ROWS = {
-    # id                            database      env_prefix  python  gha  lint  deploy
-    "postgresql-gha-lint-deploy":  ("postgresql", "",         "3.11", "y", "y", "y"),  # the defaults
-    "postgresql-APP_-py3.12-lint": ("postgresql", "APP_",     "3.12", "n", "y", "n"),
-    "postgresql-APP_-gha-deploy":  ("postgresql", "APP_",     "3.11", "y", "n", "y"),
-    "mysql-gha-deploy":            ("mysql",      "",         "3.11", "y", "n", "y"),
-    "mysql-APP_-py3.13":           ("mysql",      "APP_",     "3.13", "n", "n", "n"),
-    "sqlite-gha":                  ("sqlite",     "",         "3.11", "y", "n", "n"),
-    "sqlite-APP_-py3.12":          ("sqlite",     "APP_",     "3.12", "n", "n", "n"),
+    # id                                     database      env_prefix  python  gha  lint  deploy  names
+    "postgresql-gha-lint-deploy":           ("postgresql", "",         "3.11", "y", "y", "y",    "y"),  # the defaults
+    "postgresql-APP_-py3.12-lint-db-names": ("postgresql", "APP_",     "3.12", "n", "y", "n",    "n"),
+    "postgresql-APP_-gha-deploy":           ("postgresql", "APP_",     "3.11", "y", "n", "y",    "y"),
+    "mysql-gha-deploy":                     ("mysql",      "",         "3.11", "y", "n", "y",    "y"),
+    "mysql-APP_-py3.13":                    ("mysql",      "APP_",     "3.13", "n", "n", "n",    "y"),
+    "sqlite-gha":                           ("sqlite",     "",         "3.11", "y", "n", "n",    "y"),
+    "sqlite-APP_-py3.12":                   ("sqlite",     "APP_",     "3.12", "n", "n", "n",    "y"),
 }
 # Combinations with an option that has no effect there: each renders like its twin with it off.
 IGNORING_ROWS = {
     # cookiecutter --no-input database=sqlite: both defaults, lint and deploy files, have no effect.
-    "sqlite-gha-lint-deploy":      ("sqlite",     "",         "3.11", "y", "y", "y"),
-    "mysql-APP_-lint":             ("mysql",      "APP_",     "3.11", "n", "y", "n"),
+    "sqlite-gha-lint-deploy":               ("sqlite",     "",         "3.11", "y", "y", "y",    "y"),
+    "mysql-APP_-lint":                      ("mysql",      "APP_",     "3.11", "n", "y", "n",    "y"),
 }
 # fmt: on
 # One row renders under another name than the default.
@@ -121,16 +131,19 @@ def column_values(name: str) -> list[Any]:
     return list(CONTEXT[name]) if isinstance(CONTEXT[name], list) else FREE_TEXT[name]
 
 
-# Short names of the y/n options in ids.
+# Short names of the y/n options in ids: of those that are on, and of those off that are on by default.
 LABELS = {"github_actions": "gha", "migration_lint": "lint", "deploy_files": "deploy"}
+OFF_LABELS = {"naming_convention": "db-names"}
 
 
 def expected_id(answers: Answers) -> str:
-    """database, the prefix if any, the Python if not the default, then each option that is on."""
+    """database, the prefix if any, the Python if not the default, then each option that is on
+    (or, for OFF_LABELS, off)."""
     parts = [answers["database"], answers["env_prefix"]]
     if answers["python_version"] != DEFAULTS["python_version"]:
         parts.append("py" + answers["python_version"])
     parts += [label for option, label in LABELS.items() if is_yes(answers[option])]
+    parts += [label for option, label in OFF_LABELS.items() if not is_yes(answers[option])]
     return "-".join(part for part in parts if part)
 
 
@@ -276,3 +289,19 @@ def test_python_version_changes_only_the_lines_naming_it(python_version: str, tm
             if sign in names and not any(version in line for version in names[sign]):
                 unexplained.append(f"{name}: {line}")
     assert not unexplained, "\n".join(unexplained)
+
+
+@pytest.mark.parametrize("database", CONTEXT["database"])
+def test_naming_convention_changes_only_the_models_and_the_readme(database: str, tmp_path: Path) -> None:
+    """Why naming_convention needs one row with it off: it changes models.py and what the README
+    says about it, nothing that another option also changes.
+
+    If this fails, the answer reaches further: give the table rows that combine it with what
+    it changes (and an INTERACTING pair).
+    """
+    answers = {**FULLEST, "database": database}
+    named = files_under(render(tmp_path / "y", **answers))
+    unnamed = files_under(render(tmp_path / "n", **{**answers, "naming_convention": "n"}))
+    assert named.keys() == unnamed.keys()
+    differing = {name for name in named if named[name] != unnamed[name]}
+    assert differing == {".cookiecutter.json", "README.md", f"{DEFAULTS['package_name']}/models.py"}

@@ -213,6 +213,22 @@ async def _stopped_by_sigterm(coroutine: Coroutine[Any, Any, None]) -> None:
 
 # --- running the revisions ------------------------------------------------------------
 
+# How a revision can end the one transaction of a run (PgBouncer mode, a caller's
+# transaction), and what that leaves behind.
+ENDED_BY_COMMIT = "a commit() of its own"
+ENDED_BY_ROLLBACK = "a rollback() of its own"
+ENDED_BY_SQL = "a COMMIT or ROLLBACK in its SQL"
+ENDED_SOMEHOW = "a transaction of its own"
+TRANSACTION_ENDED = {
+    ENDED_BY_COMMIT: "what this run did before it is committed, and nothing after it",
+    ENDED_BY_ROLLBACK: "everything this run did before it is rolled back, and nothing after it applied",
+    ENDED_BY_SQL: (
+        "what this run did before it is committed or rolled back, and each statement after it"
+        " committed on its own"
+    ),
+    ENDED_SOMEHOW: "what this run did before it may be committed",
+}
+
 
 @contextmanager
 def _quiet(logger: logging.Logger) -> Iterator[None]:
@@ -255,12 +271,23 @@ class Revisions:
         # in autocommit_block(), or a commit() of its own after some statements.
         self.committed_work = False
         self._statements = 0
+        # In one transaction (`outer`): the revision that ended it while it ran, and how.
+        self.ended: tuple[MigrationInfo, str] | None = None
         self.before_step: Callable[[MigrationInfo], None] = lambda info: None
+        # Whether the server still sees the transaction SQLAlchemy thinks is open, where the
+        # driver can tell: a COMMIT in a revision's own SQL ends it behind SQLAlchemy's back.
+        self.server_in_transaction: Callable[[Connection], bool] = lambda connection: True
 
     def run(self) -> None:
         """context.run_migrations(): the rest of the plan, one transaction per revision."""
         with self._watching_commits():
-            self.context.run_migrations()
+            try:
+                self.context.run_migrations()
+            except CommandError as exc:
+                if self.ended is None:
+                    raise
+                # Alembic's own complaint (a version row it cannot find) is a consequence.
+                raise self._transaction_ended() from exc
 
     def replan(self) -> None:
         """Compute the plan again from the heads in the database, on the next run()."""
@@ -289,12 +316,10 @@ class Revisions:
 
     def _settle(self, info: MigrationInfo) -> None:
         if self.outer is not None:
-            if self.connection.get_transaction() is not self.outer:
-                raise CommandError(
-                    f"{self.name(info)} ended the transaction the migrations run in (a commit() or"
-                    " rollback() of its own): what it did before that is committed, the rest was not;"
-                    " run such a revision through a direct connection, without PgBouncer mode"
-                )
+            if self.ended is None and self.connection.get_transaction() is not self.outer:
+                self.ended = (info, ENDED_SOMEHOW)
+            if self.ended is not None:
+                raise self._transaction_ended()
         elif self.connection.in_transaction():
             # The revision committed or rolled back on its own, and went on in a new
             # transaction that Alembic does not know: commit it, with the version.
@@ -318,16 +343,38 @@ class Revisions:
     def _executed(self, connection: Connection, *_: Any) -> None:
         if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
             self.committed_work = self.committed_work or self.running is not None
-        else:
-            self._statements += 1
+            return
+        self._statements += 1
+        if self.running is not None and not self.server_in_transaction(connection):
+            # A COMMIT (or ROLLBACK) in the revision's SQL: every statement after it commits
+            # on its own, the version row included.
+            self.committed_work = True
+            self._ending(ENDED_BY_SQL)
 
     def _committed(self, connection: Connection) -> None:
         if self._statements and self.running is not None:
             self.committed_work = True
         self._statements = 0
+        self._ending(ENDED_BY_COMMIT)
 
     def _rolled_back(self, connection: Connection) -> None:
         self._statements = 0
+        self._ending(ENDED_BY_ROLLBACK)
+
+    def _ending(self, how: str) -> None:
+        if self.outer is not None and self.running is not None and self.ended is None:
+            self.ended = (self.running, how)
+
+    def _transaction_ended(self) -> CommandError:
+        """The FAILED line for a revision that ended the one transaction of the run."""
+        info, how = self.ended or (self.running, ENDED_SOMEHOW)
+        heads = {ENDED_BY_COMMIT: self.heads, ENDED_BY_ROLLBACK: self.start_heads}.get(how)
+        where = self.position(heads) if heads is not None else "`alembic current` shows where the database is"
+        return CommandError(
+            f"{self.name(info)} ended the one transaction that the whole run shares ({how}):"
+            f" {TRANSACTION_ENDED[how]}; {where}; run such a revision through a direct connection,"
+            " without PgBouncer mode and outside a transaction of the caller's"
+        )
 
     def name(self, info: MigrationInfo | None = None) -> str:
         """The file of the revision that runs (or of `info`), relative to the project when inside it."""
@@ -338,11 +385,12 @@ class Revisions:
         path = Path(script.path)
         return path.relative_to(PROJECT_DIR).as_posix() if path.is_relative_to(PROJECT_DIR) else str(path)
 
-    def position(self) -> str:
-        """Where the database is now, as far as this run knows."""
-        if not self.heads:
+    def position(self, heads: tuple[str, ...] | None = None) -> str:
+        """Where the database is now (or at `heads`), as far as this run knows."""
+        heads = self.heads if heads is None else heads
+        if not heads:
             return "the database has no revision applied"
-        return f"the database is at {', '.join(self.heads)}"
+        return f"the database is at {', '.join(heads)}"
 
     def explains(self, exc: BaseException) -> bool:
         """Whether `exc` is a migration's failure, for one FAILED line: raised while a revision
@@ -352,6 +400,9 @@ class Revisions:
 
     def failure(self, exc: BaseException, outcome: str = AFTER_A_FAILED_REVISION) -> CommandError:
         """The CommandError (one FAILED: line) for `exc`, raised while a revision ran."""
+        if self.ended is not None:
+            # What failed then is a consequence: the revision went on outside the run's transaction.
+            return self._transaction_ended()
         if isinstance(exc, DBAPIError):
             message = driver_message(exc)
         else:

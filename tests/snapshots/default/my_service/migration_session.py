@@ -88,6 +88,7 @@ class MigrationSession:
         # PgBouncer keeps a client on one server connection only for a transaction.
         self.own_transaction = settings.pgbouncer and not connection.in_transaction()
         self.one_transaction = settings.pgbouncer or connection.in_transaction()
+        self.callers_transaction = connection.get_transaction()
         self.locked = False
         self.retrying: tuple[str | None, int, float] = (None, 0, 0.0)  # revision, attempt, first began
 
@@ -99,6 +100,7 @@ class MigrationSession:
         try:
             revisions = Revisions(self.context, self.connection, **self.options)
             revisions.before_step = self._before_step
+            revisions.server_in_transaction = in_server_transaction
             if not self._version_table_exists():
                 # Alembic creates it before the first revision: only one replica may.
                 self._take_lock()
@@ -227,6 +229,12 @@ class MigrationSession:
         failed = revisions.running
         if failed is None:
             raise revisions.failure(exc, "no revision had begun") from exc
+        if revisions.ended is not None:
+            raise revisions.failure(exc) from exc
+        if not self.one_transaction and not self.connection.invalidated and self.connection.in_transaction():
+            # The revision ended Alembic's transaction on its own (commit()) and failed in the
+            # one it went on in, which Alembic leaves open: roll that back before looking around.
+            self.connection.rollback()
         if self.one_transaction:
             # The savepoint rolled back everything this run did.
             revisions.restart()
@@ -278,7 +286,9 @@ class MigrationSession:
         try:
             yield
         except BaseException:
-            if savepoint.is_active and not self.connection.invalidated:
+            # Unless a COMMIT in a revision's SQL took the savepoint with it.
+            alive = not self.connection.invalidated and in_server_transaction(self.connection)
+            if savepoint.is_active and alive:
                 savepoint.rollback()
             raise
         savepoint.commit()
@@ -384,6 +394,11 @@ class MigrationSession:
         if self.connection.invalidated or self.connection.closed:
             # The backend is gone, and its lock and settings with it.
             return
+        callers = self.callers_transaction
+        if callers is not None and self.connection.get_transaction() is not callers:
+            # A revision ended the caller's transaction (the run failed, naming it), and the lock
+            # and SET LOCAL limits with it; what the connection is in now is the caller's business.
+            return
         if self.own_transaction:
             if self.connection.in_transaction():
                 self.connection.rollback()
@@ -416,6 +431,13 @@ def refuse_autocommit_block(info: MigrationInfo) -> None:
             f" ({env_var('pgbouncer')} or a caller's transaction): nothing of this run was applied;"
             " run it through a direct connection"
         )
+
+
+def in_server_transaction(connection: Connection) -> bool:
+    """Whether the server has the session inside a transaction block, as asyncpg tracks it
+    (True when the driver cannot tell)."""
+    is_in_transaction = getattr(connection.connection.driver_connection, "is_in_transaction", None)
+    return is_in_transaction() if is_in_transaction is not None else True
 
 
 def identifiers(statement: str) -> list[str]:
