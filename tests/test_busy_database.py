@@ -301,6 +301,27 @@ def test_a_retry_does_not_overshoot_a_relative_target(
     assert service.version() == [(expected,)]
 
 
+def test_a_relative_target_is_not_taken_again_after_waiting_for_the_lock(service: Service, tmp_path: Path) -> None:
+    """Two `downgrade -1` at once: one undoes the last revision; the other, having waited, does
+    not undo one more (that would drop another revision's tables)."""
+    for revision, down in (("0002", "0001"), ("0003", "0002")):
+        service.add_revision(revision, down, f'op.create_table("t{revision}", sa.Column("id", sa.Integer))',
+                             downgrade=f'op.drop_table("t{revision}")')  # fmt: skip
+    assert service.alembic("upgrade", "head").returncode == 0
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    with service.server.holding(service.url.database, f"SELECT pg_advisory_lock({service.lock_key})"):
+        runs = [service.start("downgrade", "-1", log=log) for log in logs]
+        wait_for(lambda: all("waiting for the migration lock" in log.read_text() for log in logs), "both to wait")
+    for run in runs:
+        run.wait(timeout=60)
+    outputs = sorted((log.read_text() for log in logs), key=lambda output: "FAILED" in output)
+    assert [run.returncode == 0 for run in runs].count(True) == 1, outputs
+    assert "Running downgrade 0003 -> 0002" in outputs[0]
+    assert "another migration moved the database from 0003 to 0002 while this one waited" in outputs[1]
+    assert "-1 from there would be another revision, so nothing was done" in outputs[1]
+    assert service.version() == [("0002",)] and "t0002" in service.tables()
+
+
 # --- the migration lock cannot deadlock ---------------------------------------------
 
 
@@ -453,6 +474,46 @@ def test_sigterm_cancels_the_statement_and_releases_every_lock(service: Service,
     wait_for(lambda: not service.migration_backends(), "the migration's backends to end", timeout=10)
     assert service.locked_tables() == set() and service.version() == [("0001",)]
     assert service.columns("thing") == ["id", "name"]
+
+
+def test_ctrl_c_is_one_line_too(service: Service, tmp_path: Path) -> None:
+    slow_revision(service)
+    log = tmp_path / "migration.log"
+    migration = service.start("upgrade", "head", log=log)
+    sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+    wait_for(lambda: service.query(sleeping) == [(1,)], "the migration to reach pg_sleep")
+    migration.send_signal(signal.SIGINT)
+    migration.wait(timeout=15)
+    output = log.read_text()
+    assert migration.returncode != 0 and "FAILED: stopped by Ctrl-C" in output and "Traceback" not in output
+    wait_for(lambda: not service.migration_backends(), "the migration's backends to end", timeout=10)
+    assert service.locked_tables() == set() and service.version() == [("0001",)]
+
+
+def test_sigterm_during_create_index_concurrently(service: Service, tmp_path: Path) -> None:
+    """Stopped while the index build waits: one line, and the next run builds the index."""
+    service.add_revision(
+        "0002_index",
+        "0001",
+        """
+        with op.get_context().autocommit_block():
+            op.create_index("ix_thing_name", "thing", ["name"], postgresql_concurrently=True)
+        """,
+    )
+    assert service.alembic("upgrade", "0001").returncode == 0
+    log = tmp_path / "migration.log"
+    building = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'CREATE INDEX CONCURRENTLY%'"
+    with service.server.holding(service.url.database, *OLD_SNAPSHOT):
+        service.query("INSERT INTO thing (id, name) VALUES (1, 'newer than the snapshot')")
+        migration = service.start("upgrade", "head", log=log, DATABASE_LOCK_TIMEOUT="1min")
+        wait_for(lambda: service.query(building) == [(1,)], "the index build")
+        migration.send_signal(signal.SIGTERM)
+        migration.wait(timeout=15)
+    output = log.read_text()
+    assert "FAILED: stopped by SIGTERM" in output and "Traceback" not in output, output
+    result = service.alembic("upgrade", "head")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert service.query("SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_thing_name'::regclass") == [(True,)]
 
 
 def test_a_client_killed_during_a_long_statement_leaves_no_locks(service: Service, tmp_path: Path) -> None:

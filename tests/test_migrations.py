@@ -156,6 +156,27 @@ def test_connection_handed_in(backend, backend_project: Project, handed_in: str)
     assert "thing" in backend.tables(url)
 
 
+def test_an_app_engine_from_inside_its_event_loop_is_refused_with_the_way_that_works(
+    postgres, project: Project
+) -> None:
+    """The app's AsyncEngine belongs to the loop that runs: env.py cannot use it from there."""
+    url = postgres.create_database()
+    project.add_thing()
+    with project.activated():
+        engine = project.engine(url)
+        config = project.config()
+
+        async def app() -> None:
+            async with engine.connect():  # the app's pool has connections of this loop
+                pass
+            config.attributes["connection"] = engine
+            command.upgrade(config, "head")
+
+        with pytest.raises(CommandError, match=r"is an AsyncEngine, .* `await upgrade_async\(\)`"):
+            asyncio.run(app())
+    assert "thing" not in postgres.tables(url)
+
+
 def test_async_connection_is_refused_with_the_way_that_works(backend, backend_project: Project) -> None:
     """An AsyncConnection belongs to a running event loop, which env.py cannot borrow."""
     url = backend.create_database()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -173,6 +174,12 @@ def test_password_beside_a_url(settings_module, database, in_empty_dir, monkeypa
         pytest.param("a-file", "names {path}, which is not a directory", id="a-file"),
         pytest.param("missing", "names {path}, which is not a directory", id="missing"),
         pytest.param("not-utf8", "{path}/app_database_password is not UTF-8 text", id="not-utf-8"),
+        pytest.param("unreadable", "cannot read {path}/app_database_password: Permission denied", id="unreadable"),
+        pytest.param("dangling", "cannot read {path}/APP_DATABASE_PASSWORD: No such file", id="dangling-link"),
+        pytest.param("directory", "cannot read {path}/app_database_password: Is a directory", id="a-directory"),
+        pytest.param(
+            "two-spellings", "APP_DATABASE_PASSWORD and app_database_password in {path}: keep one", id="twice"
+        ),
     ],
 )
 def test_secrets_directory_that_cannot_be_used_is_named(
@@ -181,12 +188,51 @@ def test_secrets_directory_that_cannot_be_used_is_named(
     path = in_empty_dir / named
     if named == "a-file":
         path.write_text("")
-    elif named == "not-utf8":
+    elif named != "missing":
         path.mkdir()
-        (path / "app_database_password").write_bytes(b"\xff\xfe latin-1 \xe9")
+        secret = path / "app_database_password"
+        if named == "not-utf8":
+            secret.write_bytes(b"\xff\xfe latin-1 \xe9")
+        elif named == "unreadable":
+            secret.write_text("pw")
+            secret.chmod(0)
+            if os.access(secret, os.R_OK):
+                pytest.skip("root reads any file: nothing to refuse")
+        elif named == "dangling":
+            (path / "APP_DATABASE_PASSWORD").symlink_to(path / "gone")
+        elif named == "directory":
+            secret.mkdir()
+        elif named == "two-spellings":
+            secret.write_text("pw")
+            (path / "APP_DATABASE_PASSWORD").write_text("other")
     monkeypatch.setenv("APP_SECRETS_DIR", str(path))
     monkeypatch.setenv("APP_DATABASE_URL", f"{database}://app@h/db")
     with pytest.raises(settings_module.SettingsError, match=re.escape(problem.format(path=path))):
+        settings_module.load_settings()
+
+
+@pytest.mark.parametrize("database", ALL)
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        pytest.param(b"APP_DATABASE_NAME=\xe9t\xe9\n", ".env is not UTF-8 text", id="not-utf-8"),
+        pytest.param(None, "cannot read .env: Is a directory", id="a-directory"),
+    ],
+)
+def test_dotenv_that_cannot_be_read_is_named(settings_module, database, in_empty_dir, content, problem) -> None:
+    if content is None:
+        (in_empty_dir / ".env").mkdir()
+    else:
+        (in_empty_dir / ".env").write_bytes(content)
+    with pytest.raises(settings_module.SettingsError, match=re.escape(problem)):
+        settings_module.load_settings()
+
+
+@pytest.mark.parametrize("database", SERVERS)
+def test_one_name_in_two_spellings_is_refused(settings_module, database, in_empty_dir, monkeypatch) -> None:
+    monkeypatch.setenv("APP_DATABASE_URL", f"{database}://app@h/db")
+    monkeypatch.setenv("app_database_url", f"{database}://app@elsewhere/db")
+    with pytest.raises(settings_module.SettingsError, match="APP_DATABASE_URL and app_database_url in the environment"):
         settings_module.load_settings()
 
 
@@ -212,6 +258,7 @@ def test_password_never_in_repr_or_str(settings_module, database, in_empty_dir, 
         pytest.param("CONNECT_TIMEOUT", "-1", "APP_DATABASE_CONNECT_TIMEOUT: Input should be greater than 0", id="-1"),
         pytest.param("CONNECT_TIMEOUT", "nan", "APP_DATABASE_CONNECT_TIMEOUT: Input should be a finite", id="nan"),
         pytest.param("CONNECT_TIMEOUT", "inf", "APP_DATABASE_CONNECT_TIMEOUT: Input should be a finite", id="inf"),
+        pytest.param("CONNECT_TIMEOUT", "1e308", "APP_DATABASE_CONNECT_TIMEOUT: Input should be less than", id="huge"),
     ],
 )
 def test_invalid_values_are_named_not_echoed(

@@ -69,8 +69,8 @@ def parse_duration(value: Any) -> Any:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-# Seconds to wait for something: more than 0, and finite.
-Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# Seconds to wait for something: more than 0, at most an hour.
+Seconds = Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -141,8 +141,7 @@ class SettingsBase(BaseSettings):
         handed to Alembic does), the variables that would have are not consulted.
         """
         secrets = secrets_dir()
-        if secrets is not None:
-            check_secret_files(cls, Path(secrets))
+        check_files(cls, secrets)
         if not overrides.keys() & set(cls.names_the_database):
             check_one_place(cls, secrets)
         try:
@@ -165,19 +164,26 @@ def secrets_dir() -> str | None:
     return named
 
 
-def check_secret_files(settings: type[BaseSettings], directory: Path) -> None:
-    """Every secret file this project reads must be UTF-8 text (pydantic would raise a traceback)."""
-    names = {env_var(field).lower() for field in settings.model_fields}
-    for path in directory.iterdir():
-        if path.name.lower() in names and path.is_file():
-            try:
-                path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                raise SettingsError(f"database settings: {path} is not UTF-8 text") from None
+def check_files(settings: type[BaseSettings], secrets: str | None) -> None:
+    """`.env` and every secret file this project reads must be readable UTF-8 text: say which
+    one is not, rather than let a traceback (or pydantic's warning) say it."""
+    files = [Path(".env")] if Path(".env").exists() else []
+    if secrets is not None:
+        names = {env_var(field).lower() for field in settings.model_fields}
+        files += [path for path in sorted(Path(secrets).iterdir()) if path.name.lower() in names]
+    for path in files:
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SettingsError(f"database settings: {path} is not UTF-8 text") from None
+        except OSError as exc:
+            # A directory, a dangling symlink, a file this user may not read.
+            raise SettingsError(f"database settings: cannot read {path}: {exc.strerror}") from None
 
 
 def check_one_place(settings: type[SettingsBase], secrets: str | None) -> None:
     """Refuse a database named by variables from different places, or by a URL and its parts."""
+    refuse_names_in_two_cases(settings, secrets)
     sources = {"the environment": EnvSettingsSource(settings), ".env": DotEnvSettingsSource(settings)}
     if secrets is not None:
         sources[secrets] = SecretsSettingsSource(settings, secrets_dir=secrets)
@@ -201,6 +207,20 @@ def check_one_place(settings: type[SettingsBase], secrets: str | None) -> None:
             f"database settings: the variables that say which database to use come from different places"
             f" ({named}): set them all in one place"
         )
+
+
+def refuse_names_in_two_cases(settings: type[BaseSettings], secrets: str | None) -> None:
+    """Names are read in any case: two that differ only in case (DATABASE_URL and database_url)
+    would leave it to chance which one counts."""
+    names = {env_var(field).lower() for field in settings.model_fields}
+    places = {"the environment": list(os.environ)}
+    if secrets is not None:
+        places[secrets] = [path.name for path in Path(secrets).iterdir()]
+    for place, found in places.items():
+        for name in names:
+            spellings = sorted(entry for entry in found if entry.lower() == name)
+            if len(spellings) > 1:
+                raise SettingsError(f"database settings: {' and '.join(spellings)} in {place}: keep one")
 
 
 def validation_message(exc: ValidationError) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
@@ -125,6 +126,11 @@ def settings_for(config: Config, *, offline: bool = False) -> DatabaseSettings:
             " loop: `await upgrade_async(connection=...)`, or hand in `connection.sync_connection`"
             " from inside `await connection.run_sync(...)`"
         )
+    if isinstance(connectable, AsyncEngine) and _loop_running():
+        raise CommandError(
+            'config.attributes["connection"] is an AsyncEngine, whose connections belong to the event'
+            " loop that runs here, and env.py would need a loop of its own: `await upgrade_async()`"
+        )
     if connectable is not None:
         if not isinstance(connectable, Connection | AsyncEngine):
             raise CommandError(
@@ -140,6 +146,14 @@ def settings_for(config: Config, *, offline: bool = False) -> DatabaseSettings:
         if offline and isinstance(exc.__cause__, NoDatabaseSet):
             return _settings(url=f"{ASYNC_DRIVER}://")
         raise
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _settings(**overrides: Any) -> DatabaseSettings:
@@ -178,20 +192,27 @@ def run_coroutine(coroutine: Coroutine[Any, Any, None]) -> None:
     """Run `coroutine` to completion from synchronous code (env.py).
 
     With asyncio.run(), on a worker thread when this thread's event loop is running
-    (loops do not nest). On the main thread, SIGTERM (what Docker and Kubernetes send
-    to stop a container) cancels it as Ctrl-C does: the statement that runs is
-    cancelled and the revision's transaction rolls back before the process exits.
+    (loops do not nest). On the main thread, SIGTERM (what container platforms send to
+    stop a process) cancels it as Ctrl-C does: the statement that runs is cancelled and
+    the revision's transaction rolls back before the process exits.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        if threading.current_thread() is threading.main_thread():
-            asyncio.run(_stopped_by_sigterm(coroutine))
-        else:
+    if not _loop_running():
+        if threading.current_thread() is not threading.main_thread():
             asyncio.run(coroutine)
+            return
+        try:
+            asyncio.run(_stopped_by_sigterm(coroutine))
+        except KeyboardInterrupt:
+            raise CommandError(f"stopped by Ctrl-C: {STOPPED}") from None
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
         pool.submit(asyncio.run, coroutine).result()
+
+
+STOPPED = (
+    "the statement that ran was cancelled and the revision's open transaction rolled back"
+    " (`alembic current` shows where the database is)"
+)
 
 
 async def _stopped_by_sigterm(coroutine: Coroutine[Any, Any, None]) -> None:
@@ -203,16 +224,15 @@ async def _stopped_by_sigterm(coroutine: Coroutine[Any, Any, None]) -> None:
     except asyncio.CancelledError:
         if not stopped:
             raise
-        raise CommandError(
-            "stopped by SIGTERM: the statement that ran was cancelled and the revision's open"
-            " transaction rolled back (`alembic current` shows where the database is)"
-        ) from None
+        raise CommandError(f"stopped by SIGTERM: {STOPPED}") from None
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
 
 
 # --- running the revisions ------------------------------------------------------------
 
+# A target relative to where the database is: +2, -1, ae10+1, head-2, mybranch@-1.
+RELATIVE = re.compile(r"[+-]\d+$")
 # How a revision can end the one transaction of a run (PgBouncer mode, a caller's
 # transaction), and what that leaves behind.
 ENDED_BY_COMMIT = "a commit() of its own"
@@ -228,6 +248,15 @@ TRANSACTION_ENDED = {
     ),
     ENDED_SOMEHOW: "what this run did before it may be committed",
 }
+
+
+def cancelling() -> bool:
+    """Whether the task this runs in is being cancelled (SIGTERM, or the caller's cancel)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 @contextmanager
@@ -265,6 +294,8 @@ class Revisions:
         # Where the database is, as far as this run knows: its heads after the last commit.
         self.heads: tuple[str, ...] = ()
         self.start_heads: tuple[str, ...] = ()
+        # The heads of the first plan, when the plan was made again after waiting for the lock.
+        self.planned_from: tuple[str, ...] | None = None
         self._applied_heads: tuple[str, ...] = ()
         self.running: MigrationInfo | None = None
         # Whether the step that runs made work permanent before it finished: statements
@@ -288,9 +319,17 @@ class Revisions:
                     raise
                 # Alembic's own complaint (a version row it cannot find) is a consequence.
                 raise self._transaction_ended() from exc
+            except Exception as exc:
+                if cancelling():
+                    # What failed is the cleanup after a cancelled statement: the cancel it is.
+                    raise asyncio.CancelledError() from exc
+                raise
 
     def replan(self) -> None:
-        """Compute the plan again from the heads in the database, on the next run()."""
+        """Compute the plan again from the heads in the database, on the next run() (the
+        migration lock was just taken: another run may have moved them meanwhile)."""
+        if self.steps is not None:
+            self.planned_from = self.start_heads
         self.steps, self.done, self.running = None, 0, None
 
     def restart(self) -> None:
@@ -299,6 +338,7 @@ class Revisions:
 
     def _steps(self, heads: tuple[str, ...], migration_context: MigrationContext) -> Iterator[MigrationStep]:
         if self.steps is None:
+            self._refuse_a_moved_relative_target(tuple(heads))
             self.steps = list(self._plan(heads, migration_context))
             self.start_heads = self.heads = tuple(heads)
         while self.done < len(self.steps):
@@ -310,6 +350,17 @@ class Revisions:
             # Alembic committed the step (or, in a transaction of the caller, let it be).
             self._settle(step.info)
             self.heads, self.done, self.running = self._applied_heads, self.done + 1, None
+
+    def _refuse_a_moved_relative_target(self, heads: tuple[str, ...]) -> None:
+        """`downgrade -1` meant one revision back from where the database was when the command
+        began: after another run moved it, the same words would mean another revision."""
+        target = str(self.context.get_revision_argument() or "")
+        if self.planned_from not in (None, heads) and RELATIVE.search(target):
+            raise CommandError(
+                f"another migration moved the database from {', '.join(self.planned_from) or 'base'} to"
+                f" {', '.join(heads) or 'base'} while this one waited for the migration lock; {target} from"
+                " there would be another revision, so nothing was done (run it again if it is still meant)"
+            )
 
     def _applied(self, *, heads: set[str], **_: Any) -> None:
         self._applied_heads = tuple(sorted(heads))
