@@ -400,10 +400,14 @@ def test_a_schema_the_role_may_not_create_is_one_line_naming_the_variable(servic
     assert tables_in(service, "tenant_a").keys() == {"alembic_version", "thing"}
 
 
-@pytest.mark.parametrize("value", ["", "x" * 64], ids=["empty", "longer-than-63-bytes"])
-def test_a_name_postgresql_would_not_keep_is_refused_before_connecting(service: Service, value: str) -> None:
-    line = failed_line(service.alembic("current", DATABASE_SCHEMA=value))
-    assert "DATABASE_SCHEMA must be a name of 1 to 63 bytes" in line
+@pytest.mark.parametrize("variable", ["DATABASE_SCHEMA", "DATABASE_MIGRATION_ROLE"])
+@pytest.mark.parametrize("value", ["", "ü" * 32], ids=["empty", "64-bytes"])
+def test_a_name_postgresql_would_cut_short_is_refused_before_connecting(
+    service: Service, variable: str, value: str
+) -> None:
+    result = service.alembic("upgrade", "head", **{variable: value})
+    assert f"{variable} must be a name of 1 to 63 bytes" in failed_line(result)
+    assert service.tables() == set()
 
 
 # --- DATABASE_MIGRATION_ROLE: an owner role ---------------------------------------------
