@@ -36,7 +36,7 @@ INSTALLED = {
     "typing_extensions": "typing-extensions", "typing_inspection": "typing-inspection",
     "pytest": "pytest", "_pytest": "pytest", "py": "pytest", "pluggy": "pluggy",
     "iniconfig": "iniconfig", "packaging": "packaging", "pygments": "Pygments", "pygmentize": "Pygments",
-    "ruff": "ruff", "squawk": "squawk-cli",
+    "pytest_alembic": "pytest-alembic", "ruff": "ruff", "squawk": "squawk-cli",
     "setuptools": "setuptools", "pkg_resources": "setuptools", "_distutils_hack": "setuptools",
 }  # fmt: skip
 # Names the project itself uses, and what they are.

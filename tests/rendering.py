@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,33 +36,15 @@ class Thing(Base):
     name: Mapped[str] = mapped_column(String(100))
 """
 
-THING_REVISION = '''"""add thing
-
-Revision ID: 0001
-Revises:
+# The revision that creates the Thing model's table (Project.add_thing).
+THING_UPGRADE = """
+op.create_table(
+    "thing",
+    sa.Column("id", sa.Integer(), nullable=False),
+    sa.Column("name", sa.String(length=100), nullable=False),
+    sa.PrimaryKeyConstraint("id", name=op.f("pk_thing")),
+)
 """
-
-import sqlalchemy as sa
-from alembic import op
-
-revision = "0001"
-down_revision = None
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    op.create_table(
-        "thing",
-        sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("name", sa.String(length=100), nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_thing")),
-    )
-
-
-def downgrade() -> None:
-    op.drop_table("thing")
-'''
 
 
 def render(output_dir: Path, template: Path = TEMPLATE, **answers: str) -> Path:
@@ -69,9 +52,13 @@ def render(output_dir: Path, template: Path = TEMPLATE, **answers: str) -> Path:
     return Path(cookiecutter(str(template), no_input=True, extra_context=answers, output_dir=str(output_dir)))
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment for a subprocess: no database settings of this machine, and no
-    pytest variables (a nested pytest must not think it is this one), plus `extra`."""
+def subprocess_env(*, inherit: bool = True, **extra: str) -> dict[str, str]:
+    """The environment for a subprocess, plus `extra`: this one's without the machine's
+    database settings and pytest's variables (a nested pytest must not think it is this
+    one); with inherit=False, only the system's PATH, as a fresh shell with nothing set up
+    (no virtual environment, no PYTHONPATH) has it."""
+    if not inherit:
+        return {"PATH": "/usr/bin:/bin", **extra}
     inherited = {k: v for k, v in os.environ.items() if "DATABASE_" not in k and not k.startswith("PYTEST_")}
     return {**inherited, **extra}
 
@@ -103,12 +90,15 @@ def readme_block(readme: Path, marker: str) -> list[str]:
     return [line.strip() for line in match[1].splitlines() if line.strip()]
 
 
-def revision_source(revision: str, down: str | tuple[str, ...] | None, upgrade: str, downgrade: str = "pass") -> str:
+def revision_source(
+    revision: str, down: str | tuple[str, ...] | None, upgrade: str, downgrade: str = "pass", *, comment: str = ""
+) -> str:
     """A revision file as `alembic revision` writes one, with `upgrade` and `downgrade` as the
-    bodies of its functions (`os`, `sa` and `op` imported)."""
+    bodies of its functions (`os`, `sa` and `op` imported), and `comment` lines above upgrade()."""
+    comment = f"\n{comment}\n" if comment else ""
     return (
         f'"""{revision}"""\n\nimport os\n\nimport sqlalchemy as sa\nfrom alembic import op\n\n'
-        f"revision = {revision!r}\ndown_revision = {down!r}\nbranch_labels = None\ndepends_on = None\n\n\n"
+        f"revision = {revision!r}\ndown_revision = {down!r}\nbranch_labels = None\ndepends_on = None\n{comment}\n\n"
         f"def upgrade() -> None:\n{textwrap.indent(textwrap.dedent(upgrade).strip(), '    ')}\n\n\n"
         f"def downgrade() -> None:\n{textwrap.indent(textwrap.dedent(downgrade).strip(), '    ')}\n"
     )
@@ -120,6 +110,39 @@ def failed_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode != 0, result.stdout + result.stderr
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
     return lines[0]
+
+
+@dataclass
+class Verdict:
+    outcome: str  # "passed", "failed" or "skipped"
+    message: str
+
+
+def rendered_pytest(project: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Verdict]:
+    """`python -m pytest ARGS` in a rendered project, as its developers run it (with `env`
+    added); the verdict on each test, by its name (`test_x`, or `test_x[parameter]`)."""
+    report = project / "pytest-report.xml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider", f"--junitxml={report}", "-q"],
+        cwd=project,
+        env=subprocess_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert report.is_file(), result.stdout + result.stderr
+    verdicts = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        skipped = case.find("skipped")
+        if problem is not None:
+            verdict = Verdict("failed", problem.text or "")
+        elif skipped is not None:
+            verdict = Verdict("skipped", skipped.get("message", ""))
+        else:
+            verdict = Verdict("passed", "")
+        verdicts[case.get("name", "")] = verdict
+    return verdicts
 
 
 def make_project(tmp_path: Path, **answers: str) -> Project:
@@ -168,12 +191,26 @@ class Project:
         settings = self.module("settings").DatabaseSettings.load(url=url.render_as_string(hide_password=False))
         return self.module("database").engine_for(settings)
 
-    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        """`alembic ARGS` in a subprocess, in the project directory, with `env` added."""
+    def cli(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+        cwd: Path | None = None,
+        inherit: bool = True,
+        network: bool = True,
+    ) -> subprocess.CompletedProcess:
+        """`alembic ARGS` in a subprocess, in the project directory (or `cwd`), with `env`
+        added to the environment (see subprocess_env for `inherit`).
+
+        network=False runs it with no network at all (a namespace of its own, loopback
+        down): a host name that a bug would send to a DNS resolver goes nowhere.
+        """
+        isolated = [] if network else ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
         return subprocess.run(
-            [sys.executable, "-m", "alembic", *args],
-            cwd=self.path,
-            env=subprocess_env(**(env or {})),
+            [*isolated, sys.executable, "-m", "alembic", *args],
+            cwd=cwd or self.path,
+            env=subprocess_env(inherit=inherit, **(env or {})),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -185,10 +222,16 @@ class Project:
         models.write_text(models.read_text() + "\n\n" + source.strip() + "\n")
 
     def add_revision(
-        self, revision: str, down: str | tuple[str, ...] | None, upgrade: str, downgrade: str = "pass"
+        self,
+        revision: str,
+        down: str | tuple[str, ...] | None,
+        upgrade: str,
+        downgrade: str = "pass",
+        *,
+        file_name: str | None = None,
     ) -> Path:
-        """migrations/versions/<revision>.py (see revision_source)."""
-        path = self.path / "migrations" / "versions" / f"{revision}.py"
+        """migrations/versions/<file_name>, by default <revision>.py (see revision_source)."""
+        path = self.path / "migrations" / "versions" / (file_name or f"{revision}.py")
         path.write_text(revision_source(revision, down, upgrade, downgrade))
         return path
 
@@ -196,4 +239,4 @@ class Project:
         """The Thing model, and (unless revision=False) the revision that creates it."""
         self.add_model(THING_MODEL)
         if revision:
-            (self.path / "migrations" / "versions" / "0001_add_thing.py").write_text(THING_REVISION)
+            self.add_revision("0001", None, THING_UPGRADE, 'op.drop_table("thing")', file_name="0001_add_thing.py")

@@ -46,6 +46,8 @@ class Server:
 
     backend: str
     admin_url: URL
+    # The directory of the server's Unix socket, when the suite started the server.
+    socket_dir: Path | None = None
 
     def execute(self, *statements: str, database: str | None = None) -> list[tuple]:
         """Run statements as the admin, in autocommit; return the last one's rows."""
@@ -234,6 +236,7 @@ def postgres_cluster() -> Iterator[Server]:
         yield Server(
             "postgresql",
             URL.create("postgresql", "postgres", ADMIN_PASSWORD, "127.0.0.1", port, "postgres"),
+            socket_dir=root,
         )
     finally:
         subprocess.run([*run_as, bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)

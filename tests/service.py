@@ -58,8 +58,10 @@ class Service:
     def lock_key(self) -> int:
         return zlib.crc32(f"{self.project.package}:alembic".encode())
 
-    def alembic(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-        return self.project.cli(*args, env={**self.env, **env}, timeout=timeout)
+    def alembic(
+        self, *args: str, timeout: float = 120, network: bool = True, **env: str
+    ) -> subprocess.CompletedProcess:
+        return self.project.cli(*args, env={**self.env, **env}, timeout=timeout, network=network)
 
     def start(self, *args: str, log: Path, **env: str) -> subprocess.Popen:
         """`alembic ARGS` in the background, its stdout and stderr into `log`."""

@@ -136,6 +136,15 @@ def test_lock_retries_wait_out_a_reader(service: Service, tmp_path: Path) -> Non
     # So that the migration role sees how long other roles' transactions have been open.
     service.server.execute(f'GRANT pg_read_all_stats TO "{service.url.username}"')
     add_colour(service)
+    # The revision after it starts again from the first, shortest wait.
+    service.add_revision(
+        "0003_after",
+        "0002_colour",
+        """
+        op.create_table("waits", sa.Column("lock_timeout", sa.Text))
+        op.execute("INSERT INTO waits SELECT current_setting('lock_timeout')")
+        """,
+    )
     log = tmp_path / "migration.log"
     with service.server.holding(service.url.database, *reader()):
         migration = service.start("upgrade", "head", log=log, **QUICK)
@@ -144,9 +153,10 @@ def test_lock_retries_wait_out_a_reader(service: Service, tmp_path: Path) -> Non
     output = log.read_text()
     assert migration.returncode == 0, output
     assert service.columns("thing") == ["id", "name", "colour"]
+    assert service.query("SELECT lock_timeout FROM waits") == [("50ms",)]
     retries = [line for line in output.splitlines() if "lock timeout in migrations/versions/0002_colour.py" in line]
     # One line per retry: revision, attempt, this attempt's timeout, who was in the way.
-    assert retries and "attempt 1 (lock_timeout 50ms)" in retries[0]
+    assert "attempt 1 (lock_timeout 50ms)" in retries[0] and "attempt 2 (lock_timeout 88ms)" in retries[1]
     assert "blocked by pid" in retries[0] and "'monthly-report', transaction open" in retries[0]
     assert "retrying in" in retries[0]
     assert "12345678" not in output  # never a query's text: it may hold data

@@ -229,9 +229,9 @@ def test_supported_combination(backend, answers: Answers, tmp_path: Path) -> Non
     summary = output.strip().splitlines()[-1]
     # Every check ran: a skipped one would hide a backend that does not work.
     assert re.search(r"\b\d+ passed\b", summary) and not re.search(r"skipped|xfail|error", summary), output
-    # ... and ran on the database it was given (it ends migrated down to base).
+    # ... and ran on the database it was given (the last check leaves it at head).
     tables = backend.tables(url)
-    assert "alembic_version" in tables and "thing" not in tables, tables
+    assert {"alembic_version", "thing"} <= tables, tables
 
 
 @pytest.mark.parametrize("answers", params(IGNORING))

@@ -9,17 +9,13 @@ squawk's advice may not apply, the real PostgreSQL server is asked whether that 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-import textwrap
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy.exc import DBAPIError
 
-from rendering import Project, render, subprocess_env
+from rendering import Project, Verdict, render, rendered_pytest, revision_source
 from servers import Server
 
 LINT_TEST = "tests/test_migration_lint.py"
@@ -33,60 +29,22 @@ INDEX_DROP_RULE = "require-concurrent-index-deletion"
 TYPE_RULE = "changing-column-type"
 
 
-def revision_file(revision: str, down: str | tuple[str, ...] | None, upgrade: str, comment: str = "") -> str:
-    """A revision as `alembic revision` writes one, with `upgrade` as the body of upgrade()."""
-    comment = f"\n{comment}\n" if comment else ""
-    return (
-        f'"""{revision}"""\n\nimport sqlalchemy as sa\nfrom alembic import op\n\n'
-        f"revision = {revision!r}\ndown_revision = {down!r}\nbranch_labels = None\ndepends_on = None\n"
-        f"{comment}\n\ndef upgrade() -> None:\n{textwrap.indent(textwrap.dedent(upgrade).strip(), '    ')}\n\n\n"
-        "def downgrade() -> None:\n    pass\n"
-    )
-
-
-@dataclass
-class Verdict:
-    outcome: str  # "passed", "failed" or "skipped"
-    message: str
-
-
 SETTINGS_TEST = "test_lint_settings"
 
 
 def run_lint(project: Path) -> dict[str, Verdict]:
     """Run the rendered lint; its verdict on each revision, by file name (and on the
     [tool.migration_lint] settings, as SETTINGS_TEST)."""
-    report = project / "lint-report.xml"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", LINT_TEST, "-p", "no:cacheprovider", f"--junitxml={report}", "-q"],
-        cwd=project,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert report.is_file(), result.stdout + result.stderr
-    verdicts = {}
-    for case in ET.parse(report).getroot().iter("testcase"):
-        # test_revision_is_safe_for_postgresql[<revision file>], or test_lint_settings
-        test, _, parameter = case.get("name", "").partition("[")
-        name = parameter.removesuffix("]") or test
-        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
-        skipped = case.find("skipped")
-        if problem is not None:
-            verdicts[name] = Verdict("failed", problem.text or "")
-        elif skipped is not None:
-            verdicts[name] = Verdict("skipped", skipped.get("message", ""))
-        else:
-            verdicts[name] = Verdict("passed", "")
-    return verdicts
+    verdicts = rendered_pytest(project, LINT_TEST)
+    # test_revision_is_safe_for_postgresql[<revision file>], or test_lint_settings
+    return {name.partition("[")[2].removesuffix("]") or name: verdict for name, verdict in verdicts.items()}
 
 
 def write_history(project: Path, history: dict[str, tuple[str | tuple[str, ...] | None, str, str]]) -> None:
     """Revision files into the render: {file: (down_revision, upgrade body, comment lines)}."""
     versions = project / "migrations" / "versions"
     for name, (down, upgrade, comment) in history.items():
-        (versions / name).write_text(revision_file(name.split("_", 1)[0], down, upgrade, comment))
+        (versions / name).write_text(revision_source(name.split("_", 1)[0], down, upgrade, comment=comment))
 
 
 # Revisions after 0001, each on the table that 0001 creates (one with data in production).

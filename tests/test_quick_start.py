@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rendering import TEMPLATE, readme_block
+from rendering import TEMPLATE, readme_block, subprocess_env
 
 
 def test_quick_start_renders_sqlite_and_migrates(tmp_path: Path) -> None:
@@ -17,7 +17,7 @@ def test_quick_start_renders_sqlite_and_migrates(tmp_path: Path) -> None:
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", command],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={"PATH": python_only, "HOME": str(Path.home())},
+        env=subprocess_env(inherit=False, PATH=python_only, HOME=str(Path.home())),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / ".venv" / "bin" / "alembic").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from collections.abc import Iterator
 from datetime import timedelta
@@ -67,24 +68,126 @@ def test_prefixed_url_is_read_and_unprefixed_ignored(settings_module, database, 
 
 
 @pytest.mark.parametrize("database", SERVERS)
-def test_sources_in_priority_order(settings_module, database, in_empty_dir, monkeypatch) -> None:
-    """env var > .env > secret file > default."""
+def test_one_variable_from_several_places_takes_the_first(settings_module, database, in_empty_dir, monkeypatch):
+    """env var > .env > secret file > default, for each variable."""
     secrets_dir = in_empty_dir / "secrets"
     secrets_dir.mkdir()
     monkeypatch.setenv("APP_SECRETS_DIR", str(secrets_dir))
     # Docker and Kubernetes write lower-case file names with a trailing newline.
-    (secrets_dir / "app_database_host").write_text("from-secret\n")
-    (secrets_dir / "app_database_user").write_text("from-secret\n")
-    (secrets_dir / "app_database_name").write_text("from-secret\n")
-    (secrets_dir / "app_database_password").write_text(SECRET + "\n")
+    (secrets_dir / "app_database_password").write_text(f"  {SECRET}\n")
     (in_empty_dir / ".env").write_text(
-        "APP_DATABASE_USER=from-dotenv\nAPP_DATABASE_NAME=from-dotenv\nOTHER_SERVICE_KEY=ignored\n"
+        "APP_DATABASE_PASSWORD=from-dotenv\nAPP_DATABASE_NAME=from-dotenv\nOTHER_SERVICE_KEY=ignored\n"
     )
-    monkeypatch.setenv("APP_DATABASE_NAME", "from-env")
+    for name, value in {"HOST": "db.internal", "USER": "app", "NAME": "from-env"}.items():
+        monkeypatch.setenv(f"APP_DATABASE_{name}", value)
     url = settings_module.load_settings().async_url()
-    assert (url.host, url.username, url.database) == ("from-secret", "from-dotenv", "from-env")
-    assert url.password == SECRET
+    assert (url.host, url.username, url.database, url.password) == ("db.internal", "app", "from-env", "from-dotenv")
     assert url.port == settings_module.DatabaseSettings.model_fields["port"].default
+    # The password alone may come from the secret file; leading and trailing whitespace is
+    # not part of it (README.md says so).
+    (in_empty_dir / ".env").unlink()
+    assert settings_module.load_settings().async_url().password == SECRET
+
+
+@pytest.mark.parametrize("database", SERVERS)
+@pytest.mark.parametrize(
+    ("environment", "dotenv", "secrets", "message"),
+    [
+        pytest.param(
+            {"HOST": "h", "USER": "u", "NAME": "n"},
+            {"URL": "{database}://other:pw@elsewhere/other"},
+            {},
+            "APP_DATABASE_URL (in .env), APP_DATABASE_HOST (in the environment), APP_DATABASE_USER (in the"
+            " environment), APP_DATABASE_NAME (in the environment) all say which database to use",
+            id="url-in-dotenv-parts-in-environment",
+        ),
+        pytest.param(
+            {"URL": "{database}://u:pw@h/n", "NAME": "other"},
+            {},
+            {},
+            "all say which database to use: set the URL or its parts, not both",
+            id="url-and-a-part-in-one-place",
+        ),
+        pytest.param(
+            {"HOST": "h", "USER": "u"},
+            {"NAME": "n"},
+            {},
+            "come from different places (APP_DATABASE_HOST, APP_DATABASE_USER in the environment;"
+            " APP_DATABASE_NAME in .env): set them all in one place",
+            id="parts-from-two-places",
+        ),
+        pytest.param(
+            {"HOST": "h", "USER": "u"},
+            {},
+            {"app_database_name": "n"},
+            "APP_DATABASE_NAME in {secrets}",
+            id="a-part-from-a-secret-file",
+        ),
+    ],
+)
+def test_the_database_is_named_in_one_place_only(
+    settings_module, database, in_empty_dir, monkeypatch, environment, dotenv, secrets, message
+) -> None:
+    """A database pieced together from two places may be one nobody meant: refused, naming both."""
+    secrets_dir = in_empty_dir / "secrets"
+    secrets_dir.mkdir()
+    monkeypatch.setenv("APP_SECRETS_DIR", str(secrets_dir))
+    for name, value in environment.items():
+        monkeypatch.setenv(f"APP_DATABASE_{name}", value.format(database=database))
+    lines = [f"APP_DATABASE_{name}={value.format(database=database)}" for name, value in dotenv.items()]
+    (in_empty_dir / ".env").write_text("\n".join(lines) + "\n")
+    for name, value in secrets.items():
+        (secrets_dir / name).write_text(value)
+    with pytest.raises(settings_module.SettingsError) as caught:
+        settings_module.load_settings()
+    assert message.format(secrets=secrets_dir) in str(caught.value)
+    assert "pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize("database", SERVERS)
+def test_a_connection_handed_in_names_the_database(settings_module, database, in_empty_dir, monkeypatch) -> None:
+    """Code that names the database (a connection handed to env.py) wins over every variable."""
+    monkeypatch.setenv("APP_DATABASE_HOST", "app.internal")
+    (in_empty_dir / ".env").write_text("APP_DATABASE_NAME=app\n")
+    url = settings_module.load_settings(url=f"{database}://u:p@test.internal/test").async_url()
+    assert (url.host, url.database) == ("test.internal", "test")
+
+
+@pytest.mark.parametrize("database", SERVERS)
+def test_password_beside_a_url(settings_module, database, in_empty_dir, monkeypatch) -> None:
+    """A URL without a password takes DATABASE_PASSWORD (a secret file, say); with one, it is refused."""
+    monkeypatch.setenv("APP_DATABASE_URL", f"{database}://app@h/db")
+    monkeypatch.setenv("APP_DATABASE_PASSWORD", SECRET)
+    assert settings_module.load_settings().async_url().password == SECRET
+    monkeypatch.setenv("APP_DATABASE_URL", f"{database}://app:other@h/db")
+    with pytest.raises(
+        settings_module.SettingsError, match="APP_DATABASE_URL holds a password and APP_DATABASE_PASSWORD"
+    ):
+        settings_module.load_settings()
+
+
+@pytest.mark.parametrize("database", SERVERS)
+@pytest.mark.parametrize(
+    ("named", "problem"),
+    [
+        pytest.param("a-file", "names {path}, which is not a directory", id="a-file"),
+        pytest.param("missing", "names {path}, which is not a directory", id="missing"),
+        pytest.param("not-utf8", "{path}/app_database_password is not UTF-8 text", id="not-utf-8"),
+    ],
+)
+def test_secrets_directory_that_cannot_be_used_is_named(
+    settings_module, database, in_empty_dir, monkeypatch, named, problem
+) -> None:
+    path = in_empty_dir / named
+    if named == "a-file":
+        path.write_text("")
+    elif named == "not-utf8":
+        path.mkdir()
+        (path / "app_database_password").write_bytes(b"\xff\xfe latin-1 \xe9")
+    monkeypatch.setenv("APP_SECRETS_DIR", str(path))
+    monkeypatch.setenv("APP_DATABASE_URL", f"{database}://app@h/db")
+    with pytest.raises(settings_module.SettingsError, match=re.escape(problem.format(path=path))):
+        settings_module.load_settings()
 
 
 @pytest.mark.parametrize("database", SERVERS)
@@ -100,10 +203,15 @@ def test_password_never_in_repr_or_str(settings_module, database, in_empty_dir, 
     ("variable", "value", "expected"),
     [
         pytest.param("PORT", "not-a-port" + SECRET, "APP_DATABASE_PORT: Input should be a valid", id="bad-port"),
+        pytest.param("PORT", "0", "APP_DATABASE_PORT: Input should be greater than or equal to 1", id="port-0"),
+        pytest.param("PORT", "65536", "APP_DATABASE_PORT: Input should be less than or equal to 65535", id="port-big"),
         pytest.param("URL", "http//" + SECRET, "APP_DATABASE_URL is not a URL like", id="unparsable-url"),
-        pytest.param("URL", f"oracle://u:{quote(SECRET)}@h/db", "must be a URL like", id="other-database"),
-        pytest.param("URL", f"mysql://u:{SECRET}@h:1/db", "_URL is not a URL like", id="password-not-encoded"),
+        pytest.param("URL", f"oracle://u:{quote(SECRET, safe='')}@h/db", "must be a URL like", id="other-database"),
         pytest.param("CONNECT_TIMEOUT", "soon", "APP_DATABASE_CONNECT_TIMEOUT: Input should be", id="bad-timeout"),
+        pytest.param("CONNECT_TIMEOUT", "0", "APP_DATABASE_CONNECT_TIMEOUT: Input should be greater than 0", id="0"),
+        pytest.param("CONNECT_TIMEOUT", "-1", "APP_DATABASE_CONNECT_TIMEOUT: Input should be greater than 0", id="-1"),
+        pytest.param("CONNECT_TIMEOUT", "nan", "APP_DATABASE_CONNECT_TIMEOUT: Input should be a finite", id="nan"),
+        pytest.param("CONNECT_TIMEOUT", "inf", "APP_DATABASE_CONNECT_TIMEOUT: Input should be a finite", id="inf"),
     ],
 )
 def test_invalid_values_are_named_not_echoed(
@@ -114,6 +222,11 @@ def test_invalid_values_are_named_not_echoed(
     if "oracle" in value and database == "sqlite":
         value = value.replace("oracle", "postgresql")
     monkeypatch.setenv(f"APP_DATABASE_{variable}", value)
+    if variable == "PORT":
+        for name, part in {"HOST": "h", "USER": "u", "NAME": "n"}.items():
+            monkeypatch.setenv(f"APP_DATABASE_{name}", part)
+    elif variable != "URL" and database != "sqlite":
+        monkeypatch.setenv("APP_DATABASE_URL", f"{database}://u@h/db")
     with pytest.raises(settings_module.SettingsError) as caught:
         settings_module.load_settings()
     message = str(caught.value)
@@ -121,15 +234,112 @@ def test_invalid_values_are_named_not_echoed(
     assert SECRET not in message and "\n" not in message
 
 
+# An unencoded @ / # or ? in a password or user name moves a piece of it into the host,
+# which a connect would send to the DNS resolver: refused before, printing none of it.
+MANGLED = [
+    pytest.param("app:Tr0ub@dor&3@db.internal/app", id="at-sign-in-password"),
+    pytest.param("app:Tr0ub/dor&3@db.internal/app", id="slash-in-password"),
+    pytest.param("app:Tr0ub#dor&3@db.internal/app", id="hash-in-password"),
+    pytest.param("app:Tr0ub?dor&3@db.internal/app", id="question-mark-in-password"),
+    pytest.param("app:p@ss/w0rd@db.internal/app", id="at-and-slash"),
+    pytest.param("us/er@db.internal/app", id="slash-in-user"),
+]
+
+
+@pytest.mark.parametrize("database", SERVERS)
+@pytest.mark.parametrize("userinfo_host_path", MANGLED)
+def test_url_with_unencoded_characters_is_refused_without_quoting_it(
+    settings_module, database, in_empty_dir, monkeypatch, userinfo_host_path
+) -> None:
+    monkeypatch.setenv("APP_DATABASE_URL", f"{database}://{userinfo_host_path}")
+    with pytest.raises(settings_module.SettingsError) as caught:
+        settings_module.load_settings()
+    message = str(caught.value)
+    assert "APP_DATABASE_URL cannot be right: percent-encode the user name and password" in message
+    for piece in ("Tr0ub", "dor", "w0rd", "us/er", "db.internal"):
+        assert piece not in message
+
+
+@pytest.mark.parametrize("database", SERVERS)
+@pytest.mark.parametrize("host", ["app:pw@db", "db internal", "db/app", "#db"])
+def test_host_that_is_no_host_is_refused(settings_module, database, in_empty_dir, monkeypatch, host) -> None:
+    for name, value in {"HOST": host, "USER": "u", "NAME": "n"}.items():
+        monkeypatch.setenv(f"APP_DATABASE_{name}", value)
+    with pytest.raises(settings_module.SettingsError, match="APP_DATABASE_HOST: expected a host name"):
+        settings_module.load_settings()
+
+
 @pytest.mark.parametrize("database", ["postgresql"])
-@pytest.mark.parametrize("variable", ["LOCK_TIMEOUT", "STATEMENT_TIMEOUT", "MIGRATION_LOCK_TIMEOUT"])
-def test_durations_are_checked_before_they_reach_the_server(settings_module, in_empty_dir, monkeypatch, variable):
+@pytest.mark.parametrize(
+    ("variables", "socket", "port"),
+    [
+        pytest.param({"HOST": "/var/run/postgresql", "PORT": "5433"}, "/var/run/postgresql", 5433, id="host-variable"),
+        pytest.param({"URL": "postgresql://u@/n?host=/var/run/postgresql"}, "/var/run/postgresql", None, id="url"),
+        pytest.param(
+            {"URL": "postgresql://u@:6432/n?host=/cloudsql/project:region:instance"},
+            "/cloudsql/project:region:instance",
+            6432,
+            id="cloud-sql-path",
+        ),
+    ],
+)
+def test_unix_socket_directories(settings_module, database, in_empty_dir, monkeypatch, variables, socket, port):
+    monkeypatch.setenv("APP_DATABASE_USER", "u") if "HOST" in variables else None
+    monkeypatch.setenv("APP_DATABASE_NAME", "n") if "HOST" in variables else None
+    for name, value in variables.items():
+        monkeypatch.setenv(f"APP_DATABASE_{name}", value)
+    url = settings_module.load_settings().async_url()
+    assert (url.host, url.query["host"], url.port) == (None, socket, port)
+
+
+@pytest.mark.parametrize("database", ["postgresql"])
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        pytest.param("?host=db.internal", "?host= names a Unix socket directory", id="host-not-a-path"),
+        pytest.param("?target_session_attrs=bogus", "target_session_attrs must be any or primary", id="bad-attrs"),
+    ],
+)
+def test_postgresql_query_values_are_checked(settings_module, database, in_empty_dir, monkeypatch, query, message):
+    monkeypatch.setenv("APP_DATABASE_URL", f"postgresql://u@h/db{query}")
+    with pytest.raises(settings_module.SettingsError, match=re.escape(message)):
+        settings_module.load_settings()
+
+
+DURATIONS = ["LOCK_TIMEOUT", "LOCK_TIMEOUT_FIRST", "LOCK_RETRY_BUDGET", "STATEMENT_TIMEOUT"]
+DURATIONS += ["IDLE_IN_TRANSACTION_TIMEOUT", "MIGRATION_LOCK_TIMEOUT"]
+
+
+@pytest.mark.parametrize("database", ["postgresql"])
+@pytest.mark.parametrize("variable", DURATIONS)
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param("1 fortnight", "expected a duration like 500ms, 5s, 2min or 0", id="not-a-duration"),
+        pytest.param("100d", "at most 2147483647ms (about 24 days), PostgreSQL's limit", id="beyond-postgresql"),
+        pytest.param("500us", "shorter than 1ms, it would round to 0", id="rounds-to-0"),
+    ],
+)
+def test_durations_are_checked_before_they_reach_the_server(
+    settings_module, in_empty_dir, monkeypatch, variable, value, message
+) -> None:
     monkeypatch.setenv("APP_DATABASE_URL", "postgresql://u:p@h/db")
-    monkeypatch.setenv(f"APP_DATABASE_{variable}", "1 fortnight")
-    with pytest.raises(settings_module.SettingsError, match=f"APP_DATABASE_{variable}: expected a duration like"):
+    # The first lock wait may not be longer than the longest: these two leave room for the others.
+    monkeypatch.setenv("APP_DATABASE_LOCK_TIMEOUT_FIRST", "1ms")
+    monkeypatch.setenv("APP_DATABASE_LOCK_TIMEOUT", "1min")
+    monkeypatch.setenv(f"APP_DATABASE_{variable}", value)
+    with pytest.raises(settings_module.SettingsError, match=re.escape(f"APP_DATABASE_{variable}: {message}")):
         settings_module.load_settings()
     monkeypatch.setenv(f"APP_DATABASE_{variable}", " 1500ms ")
     assert getattr(settings_module.load_settings(), variable.lower()) == timedelta(milliseconds=1500)
+
+
+@pytest.mark.parametrize("database", ["postgresql"])
+def test_first_lock_wait_is_not_longer_than_the_longest(settings_module, database, in_empty_dir, monkeypatch):
+    monkeypatch.setenv("APP_DATABASE_URL", "postgresql://u:p@h/db")
+    monkeypatch.setenv("APP_DATABASE_LOCK_TIMEOUT_FIRST", "2s")
+    with pytest.raises(settings_module.SettingsError, match="APP_DATABASE_LOCK_TIMEOUT_FIRST is longer than"):
+        settings_module.load_settings()
 
 
 @pytest.mark.parametrize("database", SERVERS)

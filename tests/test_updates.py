@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rendering import Project, copy_template, render
+from rendering import Project, copy_template, render, subprocess_env
 
 SLUG_DIR = "{{cookiecutter.project_slug}}"
 # Non-default answers, so that a project re-rendered with the wrong ones shows it.
@@ -41,7 +41,7 @@ def run(*args: str | Path, cwd: Path, check: bool = True) -> subprocess.Complete
     result = subprocess.run(
         [str(arg) for arg in args],
         cwd=cwd,
-        env={**os.environ, **GIT_ENV},
+        env=subprocess_env(**GIT_ENV),
         capture_output=True,
         text=True,
         timeout=120,

@@ -35,7 +35,7 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     # Leave the loggers of an application that runs the migrations alone.
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-settings = migrate.settings_for(config)
+settings = migrate.settings_for(config, offline=context.is_offline_mode())
 config.set_main_option(
     "sqlalchemy.url",
     migrate.ini_escape(settings.async_url().render_as_string(hide_password=False)),

@@ -24,9 +24,10 @@ depends_on: str | Sequence[str] | None = ${repr(depends_on)}
 # per revision, so that a failed revision left nothing behind.
 {% elif cookiecutter.database == "postgresql" %}
 
-# The whole upgrade runs in one transaction, with lock_timeout set by env.py:
-# a statement that would queue behind a long transaction fails instead, and
-# everything rolls back. On a table with data:
+# This revision runs in a transaction of its own with a short lock_timeout: a
+# statement that would queue behind a long transaction times out, the revision
+# rolls back and runs again a moment later (README.md, "In production"). So it
+# must be safe to run again from its start. On a table with data:
 # - create indexes with postgresql_concurrently=True inside
 #   `with op.get_context().autocommit_block():`;
 # - add a NOT NULL column with a constant server_default, or as nullable, backfill

@@ -1,20 +1,23 @@
 """Migration checks run against a throwaway database: TEST_DATABASE_URL.
 
-They migrate it down to base and up again: never point it at data you keep.
+Each check starts by dropping every table in it: never point it at data you keep.
 {% if cookiecutter.database == "sqlite" %}
 Without TEST_DATABASE_URL they use a temporary SQLite file.
 {% endif %}
 """
 
+import asyncio
 import os
-from collections.abc import Iterator
 {% if cookiecutter.database == "sqlite" %}
 from pathlib import Path
 {% endif %}
 
 import pytest
 from alembic.config import Config
+from sqlalchemy import Connection, Enum, MetaData, Sequence, inspect
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
+from sqlalchemy.schema import DropSequence
 
 from {{ cookiecutter.package_name }} import migrate
 from {{ cookiecutter.package_name }}.database import engine_for
@@ -35,10 +38,35 @@ def test_database_url() -> str:
 
 
 @pytest.fixture
-def alembic_config(test_database_url: str) -> Iterator[Config]:
-    """The project's Alembic config, handed an engine for the test database."""
+def alembic_config() -> Config:
+    """The project's Alembic config, for pytest-alembic's `alembic_runner`."""
+    return migrate.alembic_config()
+
+
+@pytest.fixture
+def alembic_engine(test_database_url: str) -> AsyncEngine:
+    """The engine pytest-alembic hands env.py (as config.attributes["connection"]), for an
+    empty database: each check starts from scratch, whatever an earlier one left behind."""
     engine = engine_for(DatabaseSettings.load(url=test_database_url), poolclass=NullPool)
-    config = migrate.alembic_config()
-    config.attributes["connection"] = engine
-    config.attributes["configure_logger"] = False
-    yield config
+    asyncio.run(empty(engine))
+    return engine
+
+
+async def empty(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await connection.run_sync(drop_everything)
+
+
+def drop_everything(connection: Connection) -> None:
+    """Drop every table, and what a downgrade can leave behind without one: sequences
+    and PostgreSQL's enum types."""
+    tables = MetaData()
+    tables.reflect(connection)
+    tables.drop_all(connection)
+    inspector = inspect(connection)
+    if connection.dialect.supports_sequences:
+        for name in inspector.get_sequence_names():
+            connection.execute(DropSequence(Sequence(name)))
+    if hasattr(inspector, "get_enums"):
+        for enum in inspector.get_enums():
+            Enum(name=enum["name"]).drop(connection)

@@ -28,8 +28,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .database import AFTER_A_FAILED_REVISION, CannotConnect, connect, driver_message, engine_for
-from .settings import DatabaseSettings
-from .settings_base import SettingsError
+from .settings import ASYNC_DRIVER, DatabaseSettings
+from .settings_base import NoDatabaseSet, SettingsError
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 ALEMBIC_INI = PROJECT_DIR / "alembic.ini"
@@ -111,8 +111,12 @@ def _upgrade_on(connection: Connection, config: Config, revision: str) -> None:
 # --- what env.py needs -------------------------------------------------------------
 
 
-def settings_for(config: Config) -> DatabaseSettings:
-    """The settings for this run; a connection handed in decides the URL."""
+def settings_for(config: Config, *, offline: bool = False) -> DatabaseSettings:
+    """The settings for this run; a connection handed in decides the URL.
+
+    Offline (`--sql`) only the kind of database matters: with no database set, a URL
+    that names none stands in.
+    """
     connectable = config.attributes.get("connection")
     overrides = {}
     if isinstance(connectable, AsyncConnection):
@@ -130,14 +134,19 @@ def settings_for(config: Config) -> DatabaseSettings:
         # Only the database it names matters: its driver options are the caller's business.
         url = connectable.engine.url.set(query={})
         overrides["url"] = url.render_as_string(hide_password=False)
-    return _settings(**overrides)
+    try:
+        return _settings(**overrides)
+    except CommandError as exc:
+        if offline and isinstance(exc.__cause__, NoDatabaseSet):
+            return _settings(url=f"{ASYNC_DRIVER}://")
+        raise
 
 
 def _settings(**overrides: Any) -> DatabaseSettings:
     try:
         return DatabaseSettings.load(**overrides)
     except SettingsError as exc:
-        raise CommandError(str(exc)) from None
+        raise CommandError(str(exc)) from exc
 
 
 def ini_escape(value: str) -> str:

@@ -2,7 +2,10 @@
 
 Sources, highest priority first: environment variables, the `.env` file in the
 current directory, files in the secrets directory ({{ cookiecutter.env_prefix }}SECRETS_DIR, default
-/run/secrets, one file per variable, named like it), then the defaults.
+/run/secrets, one file per variable, named like it, read as UTF-8 without leading and
+trailing whitespace), then the defaults. The variables that say which database to use
+must all come from one of these places: a database pieced together from two places may
+be one nobody meant (and `alembic downgrade` would drop its tables).
 """
 
 from __future__ import annotations
@@ -11,10 +14,18 @@ import math
 import os
 import re
 from datetime import timedelta
-from typing import Annotated, Any, Self
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Self
+from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -25,6 +36,10 @@ DEFAULT_SECRETS_DIR = "/run/secrets"
 
 class SettingsError(ValueError):
     """The settings are missing or invalid; the message names what to fix."""
+
+
+class NoDatabaseSet(SettingsError):
+    """No variable says which database to use (offline SQL needs none)."""
 
 
 def env_var(field: str) -> str:
@@ -47,7 +62,7 @@ def parse_duration(value: Any) -> Any:
         raise ValueError("expected a duration like 500ms, 5s, 2min or 0")
     milliseconds = float(match["number"]) * UNITS[match["unit"]]
     if 0 < milliseconds < 1:
-        raise ValueError("durations shorter than 1ms would mean no limit at all: use 1ms or more")
+        raise ValueError("shorter than 1ms, it would round to 0: use 0, or 1ms or more")
     if milliseconds > LONGEST / timedelta(milliseconds=1):
         raise ValueError("at most 2147483647ms (about 24 days), PostgreSQL's limit")
     return timedelta(milliseconds=milliseconds)
@@ -73,6 +88,12 @@ def readable(duration: timedelta) -> str:
     return milliseconds(duration)
 
 
+# What a host name or an IP address may hold; anything else in a URL's host is a piece of
+# something else (a password with an unencoded @, say) and must never reach a DNS lookup.
+HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%A-Za-z]*")
+ENCODE = "python -c 'import urllib.parse,sys; print(urllib.parse.quote(sys.argv[1], safe=\"\"))' 'pa@ss'"
+
+
 def parse_url(raw: str, backends: frozenset[str], driver: str, example: str) -> URL:
     """A {{ cookiecutter.env_prefix }}DATABASE_URL value as `driver`'s URL; it must name one of `backends`."""
     try:
@@ -80,6 +101,18 @@ def parse_url(raw: str, backends: frozenset[str], driver: str, example: str) -> 
     except (ArgumentError, ValueError):
         # These messages quote the URL, password and all.
         raise ValueError(f"{env_var('url')} is not a URL like {example}") from None
+    # A second parser, that reads URLs as the standards do: when the two disagree on the host
+    # or the port, or the path holds an @, an @ / # or ? in the user name or password was not
+    # percent-encoded, and a piece of it would be taken for the host (and looked up).
+    try:
+        parts = urlsplit(raw)
+        mangled = (parts.hostname, parts.port) != (url.host.lower() if url.host else None, url.port)
+    except ValueError:
+        mangled = True
+    if mangled or (parts.netloc and "@" in parts.path) or (url.host and not HOST.fullmatch(url.host)):
+        raise ValueError(
+            f"{env_var('url')} cannot be right: percent-encode the user name and password ({ENCODE})"
+        )
     if url.get_backend_name() not in backends:
         raise ValueError(f"{env_var('url')} must be a URL like {example}, not {url.drivername}://...")
     return url.set(drivername=driver)
@@ -97,12 +130,27 @@ class SettingsBase(BaseSettings):
         hide_input_in_errors=True,
     )
 
+    # The fields that say which database to use: they must all come from one place.
+    names_the_database: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def load(cls, **overrides: Any) -> Self:
-        """Read the settings; raise SettingsError with one line naming what to fix."""
+        """Read the settings; raise SettingsError with one line naming what to fix.
+
+        `overrides` win over every source; when they name the database (a connection
+        handed to Alembic does), the variables that would have are not consulted.
+        """
+        secrets = secrets_dir()
+        if secrets is not None:
+            check_secret_files(cls, Path(secrets))
+        if not overrides.keys() & set(cls.names_the_database):
+            check_one_place(cls, secrets)
         try:
-            return cls(_secrets_dir=secrets_dir(), **overrides)
+            return cls(_secrets_dir=secrets, **overrides)
         except ValidationError as exc:
+            for error in exc.errors():
+                if isinstance(error.get("ctx", {}).get("error"), NoDatabaseSet):
+                    raise NoDatabaseSet(f"database settings: {error['ctx']['error']}") from None
             raise SettingsError(f"database settings: {validation_message(exc)}") from None
 
 
@@ -115,6 +163,44 @@ def secrets_dir() -> str | None:
     if not os.path.isdir(named):
         raise SettingsError(f"{SECRETS_DIR_VAR} names {named}, which is not a directory")
     return named
+
+
+def check_secret_files(settings: type[BaseSettings], directory: Path) -> None:
+    """Every secret file this project reads must be UTF-8 text (pydantic would raise a traceback)."""
+    names = {env_var(field).lower() for field in settings.model_fields}
+    for path in directory.iterdir():
+        if path.name.lower() in names and path.is_file():
+            try:
+                path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise SettingsError(f"database settings: {path} is not UTF-8 text") from None
+
+
+def check_one_place(settings: type[SettingsBase], secrets: str | None) -> None:
+    """Refuse a database named by variables from different places, or by a URL and its parts."""
+    sources = {"the environment": EnvSettingsSource(settings), ".env": DotEnvSettingsSource(settings)}
+    if secrets is not None:
+        sources[secrets] = SecretsSettingsSource(settings, secrets_dir=secrets)
+    found: dict[str, str] = {}  # field: the place of highest priority that sets it
+    for place, source in sources.items():
+        for field, value in source().items():
+            if field in settings.names_the_database and value is not None:
+                found.setdefault(field, place)
+    parts = [field for field in found if field != "url"]
+    if "url" in found and parts:
+        named = ", ".join(f"{env_var(field)} (in {found[field]})" for field in ["url", *parts])
+        raise SettingsError(
+            f"database settings: {named} all say which database to use: set the URL or its parts, not both"
+        )
+    if len(set(found.values())) > 1:
+        places = {
+            place: [env_var(field) for field in found if found[field] == place] for place in found.values()
+        }
+        named = "; ".join(f"{', '.join(variables)} in {place}" for place, variables in places.items())
+        raise SettingsError(
+            f"database settings: the variables that say which database to use come from different places"
+            f" ({named}): set them all in one place"
+        )
 
 
 def validation_message(exc: ValidationError) -> str:

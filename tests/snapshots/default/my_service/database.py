@@ -6,14 +6,15 @@ import asyncio
 import errno
 import logging
 import re
-import socket
 import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from socket import gaierror
 from typing import Any
 
+from asyncpg.exceptions import TargetServerAttributeNotMatched
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -108,46 +109,61 @@ async def first_connection(engine: AsyncEngine, settings: DatabaseSettings) -> A
 
 def not_up_yet(exc: BaseException) -> bool:
     """Whether a failed connect may succeed later on its own: the server is not up yet."""
-    if isinstance(exc, TimeoutError | socket.gaierror):
+    error = driver_error(exc)
+    if isinstance(error, TimeoutError | gaierror):
         return True
-    if isinstance(exc, ssl.SSLError):
+    if isinstance(error, ssl.SSLError):
         # A certificate or TLS setting that does not fit will not fit later either.
         return False
-    if isinstance(exc, OSError):
+    if isinstance(error, OSError):
         # Several addresses for the host (localhost: ::1 and 127.0.0.1) that all failed
         # differently come as one plain OSError without an errno.
-        return exc.errno in NOT_UP_YET_ERRNOS or (type(exc) is OSError and exc.errno is None)
+        return error.errno in NOT_UP_YET_ERRNOS or (type(error) is OSError and error.errno is None)
     return sqlstate(exc) in NOT_UP_YET_SQLSTATES
 
 
 def connect_error(exc: BaseException, settings: DatabaseSettings) -> str:
     """One line: what went wrong, where, and which variables to check."""
     url = settings.async_url()
-    host = f"[{url.host}]" if url.host and ":" in url.host else url.host
-    if isinstance(exc, TimeoutError):
+    socket = url.query.get("host")
+    where = f"{socket} (port {url.port or 5432})" if socket else f"{bracketed(url.host)}:{url.port or 5432}"
+    error = driver_error(exc)
+    if isinstance(error, TimeoutError):
         # asyncio's TimeoutError carries no message of its own.
         reason = f"no answer within {settings.connect_timeout:g} s"
-    elif isinstance(exc, ConnectionRefusedError):
+    elif isinstance(error, ConnectionRefusedError):
         reason = "connection refused (is the server running, and on this port?)"
+    elif isinstance(error, TargetServerAttributeNotMatched):
+        reason = f"the server is not a {url.query['target_session_attrs']} server (target_session_attrs)"
     else:
         reason = without_password(driver_message(exc), url.password)
     check = settings.env_vars_for(*CONNECT_FAILURES.get(sqlstate(exc) or "", ("host", "port")))
-    return f"cannot connect to the database at {host}:{url.port}: {reason}; check {check}"
+    return f"cannot connect to the database at {where}: {reason}; check {check}"
+
+
+def bracketed(host: str | None) -> str:
+    """`host` as it stands before a port: an IPv6 address in brackets."""
+    return f"[{host}]" if host and ":" in host else str(host)
 
 
 def sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE of a PostgreSQL error, wrapped by SQLAlchemy or not."""
-    error = exc.orig if isinstance(exc, DBAPIError) else exc
-    return getattr(error, "sqlstate", None)
+    return getattr(driver_error(exc), "sqlstate", None)
+
+
+def driver_error(exc: BaseException) -> BaseException:
+    """The driver's own exception, without SQLAlchemy's wrapping (its asyncpg adapter raises
+    an error of its own from asyncpg's)."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return exc.orig.__cause__ or exc.orig
+    return exc
 
 
 def driver_message(exc: BaseException) -> str:
-    """The server's or the driver's own words for `exc` (the first line), without SQLAlchemy's wrapping."""
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        # SQLAlchemy's asyncpg adapter raises its own error from asyncpg's.
-        exc = exc.orig.__cause__ or exc.orig
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The server's or the driver's own words for `exc` (the first line)."""
+    error = driver_error(exc)
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def without_password(text: str, password: str | None) -> str:

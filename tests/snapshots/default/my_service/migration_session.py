@@ -86,8 +86,8 @@ VERSION_TABLE = "alembic_version"
 CLIENT_CHECK_INTERVAL = "5s"
 
 
-class _Replan(Exception):
-    """The migration lock was just taken: the plan must start from the heads read now."""
+class _LockFirst(Exception):
+    """There is something to migrate: take the migration lock, then plan from the heads read then."""
 
 
 class MigrationSession:
@@ -187,9 +187,10 @@ class MigrationSession:
             ) from exc
         self._end_setup_transaction()
 
-    def _set_config(self, values: dict[str, str]) -> None:
-        local = "true" if self.one_transaction else "false"
-        calls = [f"set_config('{name}', :{name}, {local})" for name in values]
+    def _set_config(self, values: dict[str, str], *, local: bool = False) -> None:
+        """SET the values for the session (for the transaction, with `local` or in one transaction)."""
+        scope = "true" if local or self.one_transaction else "false"
+        calls = [f"set_config('{name}', :{name}, {scope})" for name in values]
         self.connection.execute(text(f"SELECT {', '.join(calls)}"), values)
 
     def _select(self, *expressions: str) -> tuple[Any, ...]:
@@ -254,15 +255,15 @@ class MigrationSession:
 
     def _before_step(self, info: MigrationInfo) -> None:
         if self.settings.migration_lock and not self.locked:
-            self._take_lock()
-            raise _Replan()
+            # Taken outside the attempt (and its savepoint, which would release it).
+            raise _LockFirst()
         if self.one_transaction:
             refuse_autocommit_block(info)
             return
         revision, attempt, _ = self.retrying
         if revision == info.up_revision_id and attempt > 1:
             # This attempt's own lock_timeout, for its transaction only.
-            self._set_config({"lock_timeout": milliseconds(self._attempt_timeout(attempt))})
+            self._set_config({"lock_timeout": milliseconds(self._attempt_timeout(attempt))}, local=True)
 
     def _run_with_retries(self, revisions: Revisions) -> None:
         """Attempts of the run until it is done; after a failed one, sleep and go again, or give up."""
@@ -271,7 +272,8 @@ class MigrationSession:
                 with self._attempt():
                     revisions.run()
                 return
-            except _Replan:
+            except _LockFirst:
+                self._take_lock()
                 revisions.replan()
             except CommandError:
                 raise

@@ -8,10 +8,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Self
 
-from pydantic import Field, PrivateAttr, SecretStr, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from sqlalchemy.engine import URL
 
-from .settings_base import Duration, Port, Seconds, SettingsBase, env_var, parse_url
+from .settings_base import HOST, Duration, NoDatabaseSet, Port, Seconds, SettingsBase, env_var, parse_url
 
 ASYNC_DRIVER = "postgresql+asyncpg"
 # postgres://, postgresql:// and postgresql+<any driver>:// all mean this database.
@@ -20,8 +20,10 @@ EXAMPLE_URL = "postgresql://user:password@localhost:5432/dbname"
 # libpq's sslmode is what managed databases hand out; asyncpg calls it ssl.
 SSL_PARAMS = {"sslmode": "ssl"}
 # URL query parameters that reach asyncpg intact; anything else is an error
-# here rather than a TypeError deep inside the driver.
-DRIVER_PARAMS = frozenset({"ssl", "target_session_attrs"})
+# here rather than a TypeError deep inside the driver. ?host= names a Unix socket
+# directory (as managed databases hand out: /cloudsql/project:region:instance).
+DRIVER_PARAMS = frozenset({"ssl", "target_session_attrs", "host"})
+TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 # PostgreSQL's longest name (NAMEDATALEN - 1).
 MAX_NAME_BYTES = 63
 
@@ -31,7 +33,9 @@ class DatabaseSettings(SettingsBase):
 
     # Either a whole URL (the password percent-encoded) ...
     url: SecretStr | None = None
-    # ... or its parts (the password as it is, any characters).
+    # ... or its parts (the password as it is, any characters). The host is a name, an
+    # IP address, or the directory of a Unix socket (/var/run/postgresql), whose file
+    # the port chooses.
     host: str | None = None
     port: Port = 5432
     user: str | None = None
@@ -79,6 +83,16 @@ class DatabaseSettings(SettingsBase):
     migration_role: str | None = None
 
     _url: URL = PrivateAttr()
+    names_the_database = ("url", "host", "port", "user", "name")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, host: str | None) -> str | None:
+        if host is not None and not (host.startswith("/") or HOST.fullmatch(host)):
+            raise ValueError(
+                "expected a host name, an IP address or a socket directory (/var/run/postgresql)"
+            )
+        return host
 
     @model_validator(mode="after")
     def _build_url(self) -> Self:
@@ -87,23 +101,24 @@ class DatabaseSettings(SettingsBase):
                 f"{env_var('lock_timeout_first')} is longer than {env_var('lock_timeout')}, the longest wait"
             )
         if self.url is not None:
-            self._url = with_driver_params(
-                parse_url(self.url.get_secret_value(), BACKENDS, ASYNC_DRIVER, EXAMPLE_URL)
+            url = parse_url(self.url.get_secret_value(), BACKENDS, ASYNC_DRIVER, EXAMPLE_URL)
+            url = with_driver_params(url)
+        elif self.host is None or self.user is None or self.name is None:
+            missing = [env_var(field) for field in ("host", "user", "name") if getattr(self, field) is None]
+            raise NoDatabaseSet(f"set {env_var('url')}, or {', '.join(missing)} (and {env_var('password')})")
+        elif self.host.startswith("/"):
+            url = URL.create(
+                ASYNC_DRIVER, self.user, port=self.port, database=self.name, query={"host": self.host}
             )
-            return self
-        missing = [field for field in ("host", "user", "name") if getattr(self, field) is None]
-        if missing:
-            variables = ", ".join(map(env_var, missing))
-            raise ValueError(f"set {env_var('url')}, or {variables} (and {env_var('password')})")
-        password = self.password.get_secret_value() if self.password else None
-        self._url = URL.create(
-            ASYNC_DRIVER,
-            username=self.user,
-            password=password,
-            host=self.host,
-            port=self.port,
-            database=self.name,
-        )
+        else:
+            url = URL.create(ASYNC_DRIVER, self.user, host=self.host, port=self.port, database=self.name)
+        if self.password is not None:
+            if url.password is not None:
+                raise ValueError(
+                    f"{env_var('url')} holds a password and {env_var('password')} another: keep one"
+                )
+            url = url.set(password=self.password.get_secret_value())
+        self._url = url
         return self
 
     @model_validator(mode="after")
@@ -134,5 +149,11 @@ def with_driver_params(url: URL) -> URL:
             f"{env_var('url')}: asyncpg does not take {', '.join(unsupported)} in the URL"
             f" (it takes {', '.join(sorted(DRIVER_PARAMS | SSL_PARAMS.keys()))};"
             " timeouts are settings of their own)"
+        )
+    if not str(query.get("host", "/")).startswith("/"):
+        raise ValueError(f"{env_var('url')}: ?host= names a Unix socket directory; a server goes after the @")
+    if query.get("target_session_attrs", "any") not in TARGET_SESSION_ATTRS:
+        raise ValueError(
+            f"{env_var('url')}: target_session_attrs must be {' or '.join(TARGET_SESSION_ATTRS)}"
         )
     return url.set(query=query)
