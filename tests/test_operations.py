@@ -27,13 +27,14 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import yaml
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from rendering import Project, failed_line, make_project, subprocess_env
+from rendering import Project, failed_line, make_project, render, subprocess_env
 from servers import Server, _as_service_user, free_port, pg_literal, pgbouncer, postgres_bindir, url_string
 from service import SECRET, Service, assert_no_password, wait_for
 
@@ -302,6 +303,24 @@ def test_without_wait_a_refused_connection_fails_at_once(database: str, tmp_path
     result = project.cli("upgrade", "head", env={"DATABASE_URL": url_string(url)})
     assert "cannot connect to the database" in failed_line(result)
     assert waits(result.stderr) == []
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        pytest.param({"database": "postgresql"}, id="postgresql"),
+        pytest.param({"database": "mysql", "env_prefix": "APP_"}, id="mysql-APP_"),
+    ],
+)
+def test_the_deploy_files_give_the_database_time_to_come_up(answers: dict[str, str], tmp_path: Path) -> None:
+    """compose.yaml's migrate and the Kubernetes Job wait for the database, within the Job's deadline."""
+    path, prefix = render(tmp_path, **answers), answers.get("env_prefix", "")
+    compose = yaml.safe_load((path / "compose.yaml").read_text())
+    assert compose["services"]["migrate"]["environment"][f"{prefix}DATABASE_WAIT"] == "1min"
+    config_map = yaml.safe_load((path / "deploy" / "kubernetes" / "configmap.yaml").read_text())
+    job = yaml.safe_load((path / "deploy" / "kubernetes" / "job.yaml").read_text())
+    assert config_map["data"][f"{prefix}DATABASE_WAIT"] == "2min"
+    assert job["spec"]["activeDeadlineSeconds"] > 2 * 60
 
 
 # --- DATABASE_SCHEMA: tenants in one database ---------------------------------------
