@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_engine_from_config
 from {{ cookiecutter.package_name }} import migrate
 from {{ cookiecutter.package_name }}.database import connect_args
 {% if cookiecutter.database == "postgresql" %}
-from {{ cookiecutter.package_name }}.migration_session import MigrationSession, offline_sql
+from {{ cookiecutter.package_name }}.migration_session import MigrationSession, offline_sql, schema_options
 {% endif %}
 from {{ cookiecutter.package_name }}.models import Base
 
@@ -40,6 +40,10 @@ config.set_main_option(
 
 OPTIONS = {
     "target_metadata": Base.metadata,
+{% if cookiecutter.database == "postgresql" %}
+    # {{ cookiecutter.env_prefix }}DATABASE_SCHEMA: alembic_version there, and autogenerate looks at no other schema.
+    **schema_options(settings),
+{% endif %}
 {% if cookiecutter.database == "sqlite" %}
     # SQLite alters tables by copying them: autogenerate must emit batch operations.
     "render_as_batch": True,
@@ -57,7 +61,7 @@ def run_migrations_offline() -> None:
     )
     with context.begin_transaction():
 {% if cookiecutter.database == "postgresql" %}
-        # A script applied by hand gets the limits an online run sets.
+        # A script applied by hand gets the role, schema and limits an online run sets.
         for statement in offline_sql(settings):
             context.execute(statement)
 {% endif %}

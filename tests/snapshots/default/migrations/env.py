@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_engine_from_config
 
 from my_service import migrate
 from my_service.database import connect_args
-from my_service.migration_session import MigrationSession, offline_sql
+from my_service.migration_session import MigrationSession, offline_sql, schema_options
 from my_service.models import Base
 
 config = context.config
@@ -38,6 +38,8 @@ config.set_main_option(
 
 OPTIONS = {
     "target_metadata": Base.metadata,
+    # DATABASE_SCHEMA: alembic_version there, and autogenerate looks at no other schema.
+    **schema_options(settings),
 }
 
 
@@ -50,7 +52,7 @@ def run_migrations_offline() -> None:
         **OPTIONS,
     )
     with context.begin_transaction():
-        # A script applied by hand gets the limits an online run sets.
+        # A script applied by hand gets the role, schema and limits an online run sets.
         for statement in offline_sql(settings):
             context.execute(statement)
         context.run_migrations()

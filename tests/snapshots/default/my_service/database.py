@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import logging
 import re
+import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from socket import gaierror
 from typing import Any
 
 from asyncpg.exceptions import TargetServerAttributeNotMatched
@@ -13,6 +19,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .settings import DatabaseSettings
+from .settings_base import env_var, readable
+
+log = logging.getLogger(__name__)
 
 # What the SQLSTATE of a failed connect says is wrong, as the settings to check.
 CONNECT_FAILURES = {
@@ -22,6 +31,21 @@ CONNECT_FAILURES = {
 }
 # What a failed revision leaves behind (migration_session.py says more).
 AFTER_A_FAILED_REVISION = "it rolled back"
+# Failed connects that waiting may fix (DATABASE_WAIT): nothing listens on the
+# server's port or socket yet, the network or DNS does not reach it yet (a container or a
+# Kubernetes Service that is not there yet), it does not answer, or it says it is starting
+# up, shutting down or in recovery (SQLSTATE 57P03, cannot_connect_now).
+NOT_UP_YET_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ENOENT,
+    errno.ENETUNREACH,
+    errno.EHOSTUNREACH,
+    errno.ETIMEDOUT,
+}
+NOT_UP_YET_SQLSTATES = {"57P03"}
+# Seconds between tries: doubling from the first to the longest.
+FIRST_RETRY_DELAY, LONGEST_RETRY_DELAY = 0.5, 5.0
 
 
 class CannotConnect(ConnectionError):
@@ -49,17 +73,53 @@ def connect_args(settings: DatabaseSettings) -> dict[str, Any]:
 
 @asynccontextmanager
 async def connect(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncIterator[AsyncConnection]:
-    """engine.connect(), raising CannotConnect with one readable line when that fails."""
-    try:
-        connection = await engine.connect()
-    except Exception as exc:
-        # Whatever fails here failed to connect: refused, timed out, rejected
-        # (SQLAlchemy 2.0 lets some driver errors through unwrapped).
-        raise CannotConnect(connect_error(exc, settings)) from exc
+    """engine.connect(), tried again while the server is not up yet, for at most
+    DATABASE_WAIT; CannotConnect with one readable line when that fails."""
+    connection = await first_connection(engine, settings)
     try:
         yield connection
     finally:
         await connection.close()
+
+
+async def first_connection(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncConnection:
+    """engine.connect(); while the server is not up yet, one log line and another try,
+    until settings.wait is over."""
+    deadline = time.monotonic() + settings.wait.total_seconds()
+    delay = FIRST_RETRY_DELAY
+    while True:
+        try:
+            return await engine.connect()
+        except Exception as exc:
+            # Whatever fails here failed to connect: refused, timed out, rejected
+            # (SQLAlchemy 2.0 lets some driver errors through unwrapped).
+            failure = connect_error(exc, settings)
+            if not settings.wait or not not_up_yet(exc):
+                raise CannotConnect(failure) from exc
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CannotConnect(
+                    f"{failure}; still so after {readable(settings.wait)} ({env_var('wait')})"
+                ) from exc
+            delay = min(delay, left)
+            log.warning("%s; next try in %.1f s (%s: %.1f s left)", failure, delay, env_var("wait"), left)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LONGEST_RETRY_DELAY)
+
+
+def not_up_yet(exc: BaseException) -> bool:
+    """Whether a failed connect may succeed later on its own: the server is not up yet."""
+    error = driver_error(exc)
+    if isinstance(error, TimeoutError | gaierror):
+        return True
+    if isinstance(error, ssl.SSLError):
+        # A certificate or TLS setting that does not fit will not fit later either.
+        return False
+    if isinstance(error, OSError):
+        # Several addresses for the host (localhost: ::1 and 127.0.0.1) that all failed
+        # differently come as one plain OSError without an errno.
+        return error.errno in NOT_UP_YET_ERRNOS or (type(error) is OSError and error.errno is None)
+    return sqlstate(exc) in NOT_UP_YET_SQLSTATES
 
 
 def connect_error(exc: BaseException, settings: DatabaseSettings) -> str:

@@ -3,24 +3,33 @@
 migrations/env.py runs every online command through MigrationSession.run(). Read
 top-down, this is what happens:
 
-1. Limits. The session gets statement_timeout, idle_in_transaction_session_timeout
-   and (PostgreSQL 14+) client_connection_check_interval, so that neither a runaway
-   statement nor a client that went away keeps tables locked.
+1. Role, schema and limits. With DATABASE_MIGRATION_ROLE the session switches to
+   that role (SET ROLE), which then owns everything the migrations create,
+   alembic_version included. With DATABASE_SCHEMA its search_path is that schema
+   alone: the tables and alembic_version go there, and autogenerate compares the
+   models with that schema and no other. The session gets statement_timeout,
+   idle_in_transaction_session_timeout and (PostgreSQL 14+)
+   client_connection_check_interval, so that neither a runaway statement nor a client
+   that went away keeps tables locked.
 2. The migration lock, taken once there is something to migrate: `current`, `check`
    or an `upgrade` with nothing to do never wait for it. A replica waits for it by
    polling pg_try_advisory_lock outside any transaction, so that it holds no
    snapshot, which a CREATE INDEX CONCURRENTLY in the replica that migrates would
-   wait for (the two would deadlock).
+   wait for (the two would deadlock). There is one lock per schema: tenants in
+   schemas of their own migrate at the same time. A missing schema is created
+   under the lock, before Alembic creates alembic_version in it.
 3. One transaction per revision: a revision's table locks end when it commits.
 4. Lock retries. Each attempt of a revision waits at most a short lock_timeout, so
    that the application's queries never queue behind it for long. A lock timeout
    rolls the revision back, so that no lock is held while the session sleeps, then
    the revision runs again with a longer timeout, until its retry budget is spent.
-5. Release: the lock, and the settings of a connection that was handed in.
+5. Release: the lock, and the settings (role and search_path included) of a
+   connection that was handed in.
 
 Through PgBouncer in transaction mode, or on a caller's connection that is inside a
 transaction, all of it happens in that one transaction: a transaction-level lock,
-SET LOCAL limits, and every attempt of the whole run inside a savepoint.
+SET LOCAL role, search_path and limits, and every attempt of the whole run inside a
+savepoint.
 """
 
 from __future__ import annotations
@@ -51,8 +60,9 @@ from .settings_base import env_var, milliseconds, readable
 
 log = logging.getLogger(__name__)
 
-# One key per project: replicas of this service wait for each other, other
-# services' migrations in the same cluster do not.
+# One key per project (advisory locks belong to one database): replicas of this service
+# wait for each other, other services' migrations in the same database do not. With
+# DATABASE_SCHEMA, one key per schema (migration_lock_key()).
 MIGRATION_LOCK_KEY = zlib.crc32(b"my_service:alembic")
 # GitLab's with_lock_retries in spirit: per attempt of a revision, how far its
 # lock_timeout has grown from lock_timeout_first (0) to lock_timeout (1), and how many
@@ -70,6 +80,8 @@ LOCK_RETRY_SCHEDULE = [
 # back, and running it again is safe.
 LOCK_WAIT_FAILURES = {"55P03": "lock timeout", "40P01": "deadlock"}
 DUPLICATE_TABLE = "42P07"
+# Alembic's name for it, which env.py keeps.
+VERSION_TABLE = "alembic_version"
 # How often a server checks that the client of a running statement is still there.
 CLIENT_CHECK_INTERVAL = "5s"
 
@@ -85,6 +97,7 @@ class MigrationSession:
         self, context: EnvironmentContext, connection: Connection, settings: DatabaseSettings, **options: Any
     ) -> None:
         self.context, self.connection, self.settings, self.options = context, connection, settings, options
+        self.lock_key = migration_lock_key(settings)
         # PgBouncer keeps a client on one server connection only for a transaction.
         self.own_transaction = settings.pgbouncer and not connection.in_transaction()
         self.one_transaction = settings.pgbouncer or connection.in_transaction()
@@ -104,16 +117,20 @@ class MigrationSession:
             if not self._version_table_exists():
                 # Alembic creates it before the first revision: only one replica may.
                 self._take_lock()
+                self._create_schema()
             self._run_with_retries(revisions)
             if self.own_transaction:
                 self.connection.commit()
         finally:
             self._release(previous)
 
-    # --- 1. limits ----------------------------------------------------------------
+    # --- 1. role, schema and limits ----------------------------------------------------
 
     def _limits(self) -> dict[str, str]:
-        limits = {
+        limits = {}
+        if self.settings.schema_name is not None:
+            limits["search_path"] = quoted(self.settings.schema_name)
+        limits |= {
             "application_name": self.settings.application_name,
             "lock_timeout": milliseconds(self._attempt_timeout(1)),
             "statement_timeout": milliseconds(self.settings.statement_timeout),
@@ -124,13 +141,53 @@ class MigrationSession:
         return limits
 
     def _set_limits(self) -> dict[str, str]:
-        """Set the limits (with SET, which PgBouncer passes on); return the values they replace."""
-        limits = self._limits()
-        current = self._select(*(f"current_setting('{name}')" for name in limits))
-        previous = dict(zip(limits, current, strict=True))
+        """Set the role and the limits (with SET, which PgBouncer passes on); return what they replace."""
+        role, limits = self.settings.migration_role, self._limits()
+        names = ["role", *limits] if role is not None else list(limits)
+        current = self._select(*(f"current_setting('{name}')" for name in names))
+        previous = dict(zip(names, current, strict=True))
+        if role is not None:
+            self._switch_role(role)
         self._set_config(limits)
         self._end_setup_transaction()
         return previous
+
+    def _switch_role(self, role: str) -> None:
+        """SET ROLE: the role that owns what the migrations create."""
+        try:
+            self._set_config({"role": role})
+        except DBAPIError as exc:
+            if not self.one_transaction:
+                self.connection.rollback()
+            login = self.settings.async_url().username
+            raise CommandError(
+                f"cannot switch to the role {role} ({env_var('migration_role')}): {driver_message(exc)};"
+                f" the login role needs to be a member of it: GRANT {quoted(role)} TO {quoted(login or '')}"
+            ) from exc
+
+    def _create_schema(self) -> None:
+        """Create the schema if it is missing (not for a command that changes nothing, such as `current`)."""
+        schema = self.settings.schema_name
+        if schema is None or self.context.get_context().opts.get("dont_mutate"):
+            return
+        exists = text("SELECT to_regnamespace(:name) IS NOT NULL")
+        if self.connection.execute(exists, {"name": quoted(schema)}).scalar():
+            self._end_setup_transaction()
+            return
+        try:
+            # As the migration role, which owns it then. Not CREATE SCHEMA IF NOT EXISTS on
+            # every run: it needs the CREATE privilege on the database even when the schema exists.
+            self.connection.exec_driver_sql(f"CREATE SCHEMA {quoted(schema)}")
+        except DBAPIError as exc:
+            url = self.settings.async_url()
+            owner = quoted(self.settings.migration_role or url.username or "")
+            database = quoted(url.database or "")
+            raise CommandError(
+                f"cannot create the schema {schema} ({env_var('schema')}): {driver_message(exc)}; create it"
+                f" for the role that migrates (CREATE SCHEMA {quoted(schema)} AUTHORIZATION {owner}), or let"
+                f" that role create schemas (GRANT CREATE ON DATABASE {database} TO {owner})"
+            ) from exc
+        self._end_setup_transaction()
 
     def _set_config(self, values: dict[str, str], *, local: bool = False) -> None:
         """SET the values for the session (for the transaction, with `local` or in one transaction)."""
@@ -148,12 +205,13 @@ class MigrationSession:
             self.connection.commit()
 
     def _version_table_exists(self) -> bool:
-        table = self.options.get("version_table", "alembic_version")
+        table = quoted(self.options.get("version_table", VERSION_TABLE))
         schema = self.options.get("version_table_schema")
-        name = f'"{schema}"."{table}"' if schema else f'"{table}"'
-        (exists,) = self._select(f"to_regclass('{name}') IS NOT NULL")
+        name = f"{quoted(schema)}.{table}" if schema else table
+        exists = self.connection.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": name})
+        found = bool(exists.scalar())
         self._end_setup_transaction()
-        return bool(exists)
+        return found
 
     # --- 2. the migration lock --------------------------------------------------------
 
@@ -167,14 +225,14 @@ class MigrationSession:
         deadline = time.monotonic() + timeout.total_seconds()
         delay = 0.05
         while True:
-            (self.locked,) = self._select(f"{try_lock}({MIGRATION_LOCK_KEY})")
+            (self.locked,) = self._select(f"{try_lock}({self.lock_key})")
             self._end_setup_transaction()
             if self.locked:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise CommandError(
-                    f"another migration still holds the migration lock (advisory lock {MIGRATION_LOCK_KEY},"
+                    f"another migration still holds the migration lock (advisory lock {self.lock_key},"
                     f" {self._lock_holder()}) after {readable(timeout)}; let it finish, or wait longer with"
                     f" {env_var('migration_lock_timeout')}"
                 )
@@ -190,7 +248,7 @@ class MigrationSession:
                 " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
                 " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = :key"
             ),
-            {"key": MIGRATION_LOCK_KEY},
+            {"key": self.lock_key},
         ).all()
         self._end_setup_transaction()
         return ", ".join(session(*row, "connected") for row in rows) or "its holder is gone now"
@@ -407,18 +465,54 @@ class MigrationSession:
             self.connection.rollback()
         self._set_config(previous)
         if self.locked and not self.one_transaction:
-            self.connection.execute(text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
+            self.connection.execute(text(f"SELECT pg_advisory_unlock({self.lock_key})"))
         self._end_setup_transaction()
 
 
+def migration_lock_key(settings: DatabaseSettings) -> int:
+    """The advisory lock key of migrations into the configured schema (or into the search_path)."""
+    if settings.schema_name is None:
+        return MIGRATION_LOCK_KEY
+    return zlib.crc32(f"my_service:alembic:{settings.schema_name}".encode())
+
+
+def schema_options(settings: DatabaseSettings) -> dict[str, Any]:
+    """Alembic's options for DATABASE_SCHEMA: alembic_version in that schema, and, as
+    the search_path is that schema alone, autogenerate compares the models with its tables."""
+    if settings.schema_name is None:
+        return {}
+    return {"version_table_schema": settings.schema_name, "include_name": not_the_version_table}
+
+
+def not_the_version_table(name: str | None, type_: str, parent_names: dict[str, str | None]) -> bool:
+    """Leave alembic_version out of autogenerate's look at the search_path's tables.
+
+    Alembic leaves it out only where it looks for version_table_schema by name, which it
+    does not: the models' tables have no schema, and it reflects the search_path for them.
+    """
+    return not (type_ == "table" and name == VERSION_TABLE and parent_names.get("schema_name") is None)
+
+
 def offline_sql(settings: DatabaseSettings) -> list[str]:
-    """The session limits as SQL, for scripts written with --sql and applied by hand."""
+    """The role, the schema and the session limits as SQL, for scripts written with --sql
+    and applied by hand."""
+    statements = []
+    if settings.migration_role is not None:
+        statements.append(f"SET ROLE {quoted(settings.migration_role)}")
+    if settings.schema_name is not None:
+        schema = quoted(settings.schema_name)
+        statements += [f"CREATE SCHEMA IF NOT EXISTS {schema}", f"SET search_path TO {schema}"]
     limits = {
         "lock_timeout": settings.lock_timeout,
         "statement_timeout": settings.statement_timeout,
         "idle_in_transaction_session_timeout": settings.idle_in_transaction_timeout,
     }
-    return [f"SET {name} = '{milliseconds(value)}'" for name, value in limits.items()]
+    return statements + [f"SET {name} = '{milliseconds(value)}'" for name, value in limits.items()]
+
+
+def quoted(name: str) -> str:
+    """A PostgreSQL name as a quoted identifier: any characters, case kept."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def refuse_autocommit_block(info: MigrationInfo) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Self
 
-from pydantic import PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from sqlalchemy.engine import URL
 
 from .settings_base import HOST, Duration, NoDatabaseSet, Port, Seconds, SettingsBase, env_var, parse_url
@@ -24,6 +24,8 @@ SSL_PARAMS = {"sslmode": "ssl"}
 # directory (as managed databases hand out: /cloudsql/project:region:instance).
 DRIVER_PARAMS = frozenset({"ssl", "target_session_attrs", "host"})
 TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+# PostgreSQL's longest name (NAMEDATALEN - 1).
+MAX_NAME_BYTES = 63
 
 
 class DatabaseSettings(SettingsBase):
@@ -42,6 +44,11 @@ class DatabaseSettings(SettingsBase):
 
     # Seconds to wait for the server to answer before giving up.
     connect_timeout: Seconds = 10.0
+    # How long to keep trying the first connection while the server is not up yet: it
+    # refuses, cannot be reached, does not answer, or says it is starting up (a database
+    # container that starts next to this one). 0: fail at once. A wrong password or
+    # database name fails at once either way: waiting does not fix it.
+    wait: Duration = timedelta(0)
 
     # Lock waits (README.md, "In production"). A migration waiting for a table lock
     # makes every query on that table queue behind it: each attempt of a revision
@@ -66,6 +73,14 @@ class DatabaseSettings(SettingsBase):
     pgbouncer: bool = False
     # What a DBA sees in pg_stat_activity.
     application_name: str = "my-service-migrations"
+
+    # The schema of the tables and of alembic_version, created if missing; none: the
+    # server's search_path. Each schema has a history of its own (one per tenant).
+    # ("schema" would shadow a method of pydantic's models: the field has another name.)
+    schema_name: str | None = Field(default=None, validation_alias=env_var("schema"))
+    # SET ROLE to this role after connecting, so that it owns every object the migrations
+    # create, alembic_version included (README.md, "An owner role").
+    migration_role: str | None = None
 
     _url: URL = PrivateAttr()
     names_the_database = ("url", "host", "port", "user", "name")
@@ -104,6 +119,14 @@ class DatabaseSettings(SettingsBase):
                 )
             url = url.set(password=self.password.get_secret_value())
         self._url = url
+        return self
+
+    @model_validator(mode="after")
+    def _check_names(self) -> Self:
+        for field, name in (("schema", self.schema_name), ("migration_role", self.migration_role)):
+            # PostgreSQL would cut a longer name short, and then use another schema or role.
+            if name is not None and not 0 < len(name.encode()) <= MAX_NAME_BYTES:
+                raise ValueError(f"{env_var(field)} must be a name of 1 to {MAX_NAME_BYTES} bytes")
         return self
 
     def async_url(self) -> URL:
