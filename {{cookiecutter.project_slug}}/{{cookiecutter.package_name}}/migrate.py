@@ -354,8 +354,10 @@ class Revisions:
     def _refuse_a_moved_relative_target(self, heads: tuple[str, ...]) -> None:
         """`downgrade -1` meant one revision back from where the database was when the command
         began: after another run moved it, the same words would mean another revision."""
-        target = str(self.context.get_revision_argument() or "")
-        if self.planned_from not in (None, heads) and RELATIVE.search(target):
+        if self.planned_from in (None, heads):
+            return
+        target = str(self.context.get_revision_argument())
+        if RELATIVE.search(target):
             raise CommandError(
                 f"another migration moved the database from {', '.join(self.planned_from) or 'base'} to"
                 f" {', '.join(heads) or 'base'} while this one waited for the migration lock; {target} from"
