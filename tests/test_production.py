@@ -86,6 +86,10 @@ def test_offline_sql_takes_no_lock(service: Service) -> None:
 
 def test_read_only_commands_do_not_wait_for_the_migration_lock(service: Service) -> None:
     """`current` and `check` from a DBA's shell answer while a migration holds the lock."""
+    with service.server.holding(service.url.database, f"SELECT pg_advisory_lock({service.lock_key})"):
+        # Also on a database that was never migrated (`current` creates no version table).
+        fresh = service.alembic("current", DATABASE_MIGRATION_LOCK_TIMEOUT="1s", timeout=30)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
     assert service.alembic("upgrade", "head").returncode == 0
     with service.server.holding(service.url.database, f"SELECT pg_advisory_lock({service.lock_key})"):
         current = service.alembic("current", DATABASE_MIGRATION_LOCK_TIMEOUT="1s", timeout=30)

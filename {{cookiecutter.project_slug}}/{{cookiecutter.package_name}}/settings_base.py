@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, ValidationError
+from pydantic import BeforeValidator, Field, StringConstraints, ValidationError
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -71,7 +71,21 @@ def parse_duration(value: Any) -> Any:
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 # Seconds to wait for something: more than 0, at most an hour.
 Seconds = Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def refuse_service_link(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("tcp://"):
+        # Kubernetes sets <SERVICE>_PORT=tcp://10.0.0.1:5432 for a Service named like this
+        # variable's prefix (DATABASE_PORT for a Service "database").
+        raise ValueError(
+            "holds a Kubernetes service link (tcp://...): set `enableServiceLinks: false` in the pod"
+        )
+    return value
+
+
+Port = Annotated[int, BeforeValidator(refuse_service_link), Field(ge=1, le=65535)]
+# A value as people paste it: surrounding whitespace (a trailing newline) is no part of it.
+Trimmed = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
 def milliseconds(duration: timedelta) -> str:
@@ -94,13 +108,23 @@ HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%A-Za-z]*")
 ENCODE = "python -c 'import urllib.parse,sys; print(urllib.parse.quote(sys.argv[1], safe=\"\"))' 'pa@ss'"
 
 
-def parse_url(raw: str, backends: frozenset[str], driver: str, example: str) -> URL:
+def parse_url(
+    raw: str, backends: frozenset[str], driver: str, example: str, several_hosts: str = "name one host"
+) -> URL:
     """A {{ cookiecutter.env_prefix }}DATABASE_URL value as `driver`'s URL; it must name one of `backends`."""
+    # Surrounding whitespace is no part of a URL (a secret written with `echo` ends in a newline).
+    raw = raw.strip()
     try:
         url = make_url(raw)
     except (ArgumentError, ValueError):
         # These messages quote the URL, password and all.
         raise ValueError(f"{env_var('url')} is not a URL like {example}") from None
+    if url.host and "," in url.host:
+        raise ValueError(f"{env_var('url')} names several hosts after the @: {several_hosts}")
+    if url.host and url.host.lower().startswith("%2f"):
+        raise ValueError(
+            f"{env_var('url')}: a Unix socket directory goes in ?host=/path, the host left empty"
+        )
     # A second parser, that reads URLs as the standards do: when the two disagree on the host
     # or the port, or the path holds an @, an @ / # or ? in the user name or password was not
     # percent-encoded, and a piece of it would be taken for the host (and looked up).
@@ -113,6 +137,8 @@ def parse_url(raw: str, backends: frozenset[str], driver: str, example: str) -> 
         raise ValueError(
             f"{env_var('url')} cannot be right: percent-encode the user name and password ({ENCODE})"
         )
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError(f"{env_var('url')}: the port must be 1 to 65535")
     if url.get_backend_name() not in backends:
         raise ValueError(f"{env_var('url')} must be a URL like {example}, not {url.drivername}://...")
     return url.set(drivername=driver)
@@ -188,15 +214,21 @@ def check_one_place(settings: type[SettingsBase], secrets: str | None) -> None:
     if secrets is not None:
         sources[secrets] = SecretsSettingsSource(settings, secrets_dir=secrets)
     found: dict[str, str] = {}  # field: the place of highest priority that sets it
+    link = ""
     for place, source in sources.items():
         for field, value in source().items():
             if field in settings.names_the_database and value is not None:
                 found.setdefault(field, place)
+                if str(value).startswith("tcp://"):
+                    link = (
+                        f" ({env_var(field)} is a Kubernetes service link: set `enableServiceLinks: false`)"
+                    )
     parts = [field for field in found if field != "url"]
     if "url" in found and parts:
         named = ", ".join(f"{env_var(field)} (in {found[field]})" for field in ["url", *parts])
         raise SettingsError(
-            f"database settings: {named} all say which database to use: set the URL or its parts, not both"
+            f"database settings: {named} all say which database to use: set the URL or its parts,"
+            f" not both{link}"
         )
     if len(set(found.values())) > 1:
         places = {

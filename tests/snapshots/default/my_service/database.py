@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import re
 import ssl
 import time
 import uuid
@@ -124,9 +123,7 @@ def not_up_yet(exc: BaseException) -> bool:
 
 def connect_error(exc: BaseException, settings: DatabaseSettings) -> str:
     """One line: what went wrong, where, and which variables to check."""
-    url = settings.async_url()
-    socket = url.query.get("host")
-    where = f"{socket} (port {url.port or 5432})" if socket else f"{bracketed(url.host)}:{url.port or 5432}"
+    where = place(settings)
     error = driver_error(exc)
     if isinstance(error, TimeoutError):
         # asyncio's TimeoutError carries no message of its own.
@@ -134,16 +131,27 @@ def connect_error(exc: BaseException, settings: DatabaseSettings) -> str:
     elif isinstance(error, ConnectionRefusedError):
         reason = "connection refused (is the server running, and on this port?)"
     elif isinstance(error, TargetServerAttributeNotMatched):
-        reason = f"the server is not a {url.query['target_session_attrs']} server (target_session_attrs)"
+        reason = "no server there is a {} server (target_session_attrs)".format(
+            settings.async_url().query["target_session_attrs"]
+        )
     else:
-        reason = without_password(driver_message(exc), url.password)
+        # The server's or the driver's own words: neither ever quotes a password.
+        reason = driver_message(exc)
     check = settings.env_vars_for(*CONNECT_FAILURES.get(sqlstate(exc) or "", ("host", "port")))
     return f"cannot connect to the database at {where}: {reason}; check {check}"
 
 
-def bracketed(host: str | None) -> str:
-    """`host` as it stands before a port: an IPv6 address in brackets."""
-    return f"[{host}]" if host and ":" in host else str(host)
+def place(settings: DatabaseSettings) -> str:
+    """Where the database is, as a message says it: host and port, socket directories, or hosts."""
+    url = settings.async_url()
+    hosts = url.query.get("host")
+    if isinstance(hosts, tuple):
+        return ", ".join(hosts)
+    if hosts:
+        return f"{hosts} (port {url.port or 5432})"
+    if url.host is None:
+        return f"the local server (no host given; port {url.port or 5432})"
+    return f"[{url.host}]:{url.port or 5432}" if ":" in url.host else f"{url.host}:{url.port or 5432}"
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -164,16 +172,3 @@ def driver_message(exc: BaseException) -> str:
     error = driver_error(exc)
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def without_password(text: str, password: str | None) -> str:
-    """`text` (a driver's message) with the password replaced wherever it stands on its own.
-
-    Servers do not echo passwords, but a driver may quote what it was given; a short
-    password inside another word ("a" in "database") is left alone.
-    """
-    if not password:
-        return text
-    before = r"(?<!\w)" if re.match(r"\w", password[0]) else ""
-    after = r"(?!\w)" if re.match(r"\w", password[-1]) else ""
-    return re.sub(before + re.escape(password) + after, "***", text)

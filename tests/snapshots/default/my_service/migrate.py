@@ -301,6 +301,8 @@ class Revisions:
         # Whether the step that runs made work permanent before it finished: statements
         # in autocommit_block(), or a commit() of its own after some statements.
         self.committed_work = False
+        # Whether the step that runs rolled back a transaction of its own.
+        self.rolled_back = False
         self._statements = 0
         # In one transaction (`outer`): the revision that ended it while it ran, and how.
         self.ended: tuple[MigrationInfo, str] | None = None
@@ -345,7 +347,7 @@ class Revisions:
             step = self.steps[self.done]
             self.running = step.info
             self.before_step(step.info)
-            self.committed_work, self._statements = False, 0
+            self.committed_work, self.rolled_back, self._statements = False, False, 0
             yield step
             # Alembic committed the step (or, in a transaction of the caller, let it be).
             self._settle(step.info)
@@ -373,9 +375,17 @@ class Revisions:
                 self.ended = (info, ENDED_SOMEHOW)
             if self.ended is not None:
                 raise self._transaction_ended()
+        elif self.rolled_back:
+            # The revision threw away what it had done: recording it as applied would be a lie.
+            if self.connection.in_transaction():
+                self.connection.rollback()
+            raise CommandError(
+                f"{self.name(info)} rolled back its own transaction (a rollback() of its own): what it"
+                f" did is not applied, nor recorded; {self.position()}"
+            )
         elif self.connection.in_transaction():
-            # The revision committed or rolled back on its own, and went on in a new
-            # transaction that Alembic does not know: commit it, with the version.
+            # The revision committed on its own, and went on in a new transaction that
+            # Alembic does not know: commit it, with the version.
             self.connection.commit()
 
     @contextmanager
@@ -412,6 +422,7 @@ class Revisions:
 
     def _rolled_back(self, connection: Connection) -> None:
         self._statements = 0
+        self.rolled_back = self.rolled_back or self.running is not None
         self._ending(ENDED_BY_ROLLBACK)
 
     def _ending(self, how: str) -> None:

@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from types import CodeType
 from typing import Any
 
 from alembic.runtime.environment import EnvironmentContext
@@ -82,6 +83,20 @@ LOCK_WAIT_FAILURES = {"55P03": "lock timeout", "40P01": "deadlock"}
 DUPLICATE_TABLE = "42P07"
 # Alembic's name for it, which env.py keeps.
 VERSION_TABLE = "alembic_version"
+# Who is in the way of a statement that timed out waiting: the sessions holding locks on the
+# tables it names, else (a CREATE INDEX CONCURRENTLY waits for older transactions) the
+# sessions with the oldest snapshots. Never their queries: those may hold data.
+BLOCKERS = text(
+    "SELECT DISTINCT a.pid, a.application_name, extract(epoch FROM now() - a.xact_start)::float8"
+    " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(:names)"
+    " ORDER BY 3 DESC NULLS LAST LIMIT 3"
+)
+OLD_SNAPSHOTS = text(
+    "SELECT pid, application_name, extract(epoch FROM now() - xact_start)::float8 FROM pg_stat_activity"
+    " WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid() AND datname = current_database()"
+    " ORDER BY age(backend_xmin) DESC LIMIT 3"
+)
 # How often a server checks that the client of a running statement is still there.
 CLIENT_CHECK_INTERVAL = "5s"
 
@@ -104,6 +119,8 @@ class MigrationSession:
         self.callers_transaction = connection.get_transaction()
         self.locked = False
         self.retrying: tuple[str | None, int, float] = (None, 0, 0.0)  # revision, attempt, first began
+        # The session's lock_timeout as last set (None: a rollback may have undone that).
+        self.session_lock_timeout: timedelta | None = self._attempt_timeout(1)
 
     def run(self) -> None:
         """Run the command's revisions: limits, lock, a transaction per revision, retries, release."""
@@ -114,7 +131,8 @@ class MigrationSession:
             revisions = Revisions(self.context, self.connection, **self.options)
             revisions.before_step = self._before_step
             revisions.server_in_transaction = in_server_transaction
-            if not self._version_table_exists():
+            changes = not self.context.get_context().opts.get("dont_mutate")
+            if changes and not self._version_table_exists():
                 # Alembic creates it before the first revision: only one replica may.
                 self._take_lock()
                 self._create_schema()
@@ -138,13 +156,31 @@ class MigrationSession:
         }
         if (self.connection.dialect.server_version_info or (0,)) >= (14,):
             limits["client_connection_check_interval"] = CLIENT_CHECK_INTERVAL
+        # A client that vanished while its session sat idle (holding the migration lock,
+        # between two retries) is noticed by TCP keepalives: after about 25 s, not 2 hours.
+        limits |= {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
         return limits
 
     def _set_limits(self) -> dict[str, str]:
         """Set the role and the limits (with SET, which PgBouncer passes on); return what they replace."""
         role, limits = self.settings.migration_role, self._limits()
         names = ["role", *limits] if role is not None else list(limits)
-        current = self._select(*(f"current_setting('{name}')" for name in names))
+        backend, *current = self._select(
+            "pg_backend_pid()", *(f"current_setting('{name}')" for name in names)
+        )
+        if (
+            not self.settings.pgbouncer
+            and backend != self.connection.connection.driver_connection.get_server_pid()
+        ):
+            # The server process is not the one the connection was opened to: a pooler in
+            # between, which hands each transaction to any server connection, where the
+            # session's settings and lock would stay for its other clients.
+            self._end_setup_transaction()
+            raise CommandError(
+                "this connection goes through a pooler (PgBouncer?), which may hand each transaction"
+                f" to another server connection: set {env_var('pgbouncer')}=true, so that the migration"
+                " runs in one transaction and leaves no settings or lock behind"
+            )
         previous = dict(zip(names, current, strict=True))
         if role is not None:
             self._switch_role(role)
@@ -168,7 +204,7 @@ class MigrationSession:
     def _create_schema(self) -> None:
         """Create the schema if it is missing (not for a command that changes nothing, such as `current`)."""
         schema = self.settings.schema_name
-        if schema is None or self.context.get_context().opts.get("dont_mutate"):
+        if schema is None:
             return
         exists = text("SELECT to_regnamespace(:name) IS NOT NULL")
         if self.connection.execute(exists, {"name": quoted(schema)}).scalar():
@@ -262,10 +298,22 @@ class MigrationSession:
         if self.one_transaction:
             refuse_autocommit_block(info)
             return
+        if uses_autocommit_block(info):
+            # Its statements run outside any transaction, and CREATE INDEX CONCURRENTLY makes
+            # no query of the application wait: it may wait for older transactions for the
+            # whole budget at once (a short wait would throw the index build away).
+            self._session_lock_timeout(max(self.settings.lock_retry_budget, self.settings.lock_timeout))
+            return
+        self._session_lock_timeout(self._attempt_timeout(1))
         revision, attempt, _ = self.retrying
         if revision == info.up_revision_id and attempt > 1:
             # This attempt's own lock_timeout, for its transaction only.
             self._set_config({"lock_timeout": milliseconds(self._attempt_timeout(attempt))}, local=True)
+
+    def _session_lock_timeout(self, timeout: timedelta) -> None:
+        if timeout != self.session_lock_timeout:
+            self._set_config({"lock_timeout": milliseconds(timeout)})
+            self.session_lock_timeout = timeout
 
     def _run_with_retries(self, revisions: Revisions) -> None:
         """Attempts of the run until it is done; after a failed one, sleep and go again, or give up."""
@@ -284,6 +332,7 @@ class MigrationSession:
 
     def _after_failed_attempt(self, revisions: Revisions, exc: Exception) -> float:
         """The seconds to sleep before the next attempt; the FAILED line when there is none."""
+        self.session_lock_timeout = None
         failed = revisions.running
         if failed is None:
             raise revisions.failure(exc, "no revision had begun") from exc
@@ -311,9 +360,9 @@ class MigrationSession:
             # The INVALID index of an earlier failed build was in the way: gone now.
             retry = True
         outcome = self._outcome(revisions, dropped, left)
+        blocked_by = self._blockers(exc) if code in LOCK_WAIT_FAILURES else ""
         if not retry or left:
-            raise revisions.failure(exc, outcome) from exc
-        blocked_by = self._blockers(exc)
+            raise revisions.failure(exc, f"{blocked_by}; {outcome}" if blocked_by else outcome) from exc
         elapsed = time.monotonic() - started
         sleep = jittered(LOCK_RETRY_SCHEDULE[min(attempt, len(LOCK_RETRY_SCHEDULE)) - 1][1])
         if elapsed + sleep + self._attempt_timeout(attempt + 1).total_seconds() > budget:
@@ -367,23 +416,20 @@ class MigrationSession:
         )
 
     def _blockers(self, exc: BaseException) -> str:
-        """Who holds locks on the tables the failed statement names: pid, application, transaction age."""
+        """Who is in the way: the sessions that hold locks on the tables the failed statement
+        names, else (for CREATE INDEX CONCURRENTLY) those that hold the oldest snapshots."""
         names = identifiers(getattr(exc, "statement", None) or "")
-        rows = self.connection.execute(
-            text(
-                "SELECT DISTINCT a.pid, a.application_name, extract(epoch FROM now() - a.xact_start)::float8"
-                " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-                " JOIN pg_stat_activity a ON a.pid = l.pid"
-                " WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(:names)"
-                " ORDER BY 3 DESC NULLS LAST LIMIT 3"
-            ),
-            {"names": names},
-        ).all()
+        rows = self.connection.execute(BLOCKERS, {"names": names}).all()
+        snapshots = [] if rows else self.connection.execute(OLD_SNAPSHOTS).all()
         if not self.one_transaction:
             self.connection.rollback()
-        if not rows:
-            return "no session holds a lock on its tables any more"
-        return "blocked by " + ", ".join(session(*row, "transaction open") for row in rows)
+        if rows:
+            return "blocked by " + ", ".join(session(*row, "transaction open") for row in rows)
+        if snapshots:
+            return "waiting for older transactions: " + ", ".join(
+                session(*row, "transaction open") for row in snapshots
+            )
+        return "no session that this role may see holds a lock on its tables now (GRANT pg_read_all_stats)"
 
     def _outcome(self, revisions: Revisions, dropped: list[str], left: list[str]) -> str:
         """What a failure of the revision that runs leaves behind, truthfully."""
@@ -437,6 +483,7 @@ class MigrationSession:
             log.warning("could not drop the INVALID index %s: %s", index, driver_message(drop_failed))
         finally:
             self._set_config({"lock_timeout": milliseconds(self._attempt_timeout(1))})
+            self.session_lock_timeout = self._attempt_timeout(1)
             # SQLAlchemy tracks a transaction even in autocommit: end it before switching back.
             self.connection.commit()
             self.connection.execution_options(isolation_level=self.connection.default_isolation_level)
@@ -532,6 +579,21 @@ def in_server_transaction(connection: Connection) -> bool:
     (True when the driver cannot tell)."""
     is_in_transaction = getattr(connection.connection.driver_connection, "is_in_transaction", None)
     return is_in_transaction() if is_in_transaction is not None else True
+
+
+def uses_autocommit_block(info: MigrationInfo) -> bool:
+    """Whether the function that runs (upgrade or downgrade) calls autocommit_block()."""
+    function = getattr(info.up_revision.module, "upgrade" if info.is_upgrade else "downgrade", None)
+    return function is not None and "autocommit_block" in names_in(function.__code__)
+
+
+def names_in(code: CodeType) -> set[str]:
+    """The names a function's code uses, its nested functions' included."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, CodeType):
+            names |= names_in(constant)
+    return names
 
 
 def identifiers(statement: str) -> list[str]:

@@ -5,24 +5,37 @@ Every variable starts with DATABASE_ (README.md, "Configure the database").
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Self
 
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from sqlalchemy.engine import URL
 
-from .settings_base import HOST, Duration, NoDatabaseSet, Port, Seconds, SettingsBase, env_var, parse_url
+from .settings_base import (
+    HOST,
+    Duration,
+    NoDatabaseSet,
+    Port,
+    Seconds,
+    SettingsBase,
+    Trimmed,
+    env_var,
+    parse_url,
+)
 
 ASYNC_DRIVER = "postgresql+asyncpg"
 # postgres://, postgresql:// and postgresql+<any driver>:// all mean this database.
 BACKENDS = frozenset({"postgres", "postgresql"})
 EXAMPLE_URL = "postgresql://user:password@localhost:5432/dbname"
+SEVERAL_HOSTS = "several servers go in ?host=: postgresql://user:password@/dbname?host=a:5432&host=b:5432"
 # libpq's sslmode is what managed databases hand out; asyncpg calls it ssl.
 SSL_PARAMS = {"sslmode": "ssl"}
 # URL query parameters that reach asyncpg intact; anything else is an error
 # here rather than a TypeError deep inside the driver. ?host= names a Unix socket
 # directory (as managed databases hand out: /cloudsql/project:region:instance).
 DRIVER_PARAMS = frozenset({"ssl", "target_session_attrs", "host"})
+HOST_AND_PORT = re.compile("(?:" + HOST.pattern + r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?")
 TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 # PostgreSQL's longest name (NAMEDATALEN - 1).
 MAX_NAME_BYTES = 63
@@ -36,11 +49,11 @@ class DatabaseSettings(SettingsBase):
     # ... or its parts (the password as it is, any characters). The host is a name, an
     # IP address, or the directory of a Unix socket (/var/run/postgresql), whose file
     # the port chooses.
-    host: str | None = None
+    host: Trimmed | None = None
     port: Port = 5432
-    user: str | None = None
+    user: Trimmed | None = None
     password: SecretStr | None = None
-    name: str | None = None
+    name: Trimmed | None = None
 
     # Seconds to wait for the server to answer before giving up.
     connect_timeout: Seconds = 10.0
@@ -101,7 +114,7 @@ class DatabaseSettings(SettingsBase):
                 f"{env_var('lock_timeout_first')} is longer than {env_var('lock_timeout')}, the longest wait"
             )
         if self.url is not None:
-            url = parse_url(self.url.get_secret_value(), BACKENDS, ASYNC_DRIVER, EXAMPLE_URL)
+            url = parse_url(self.url.get_secret_value(), BACKENDS, ASYNC_DRIVER, EXAMPLE_URL, SEVERAL_HOSTS)
             url = with_driver_params(url)
         elif self.host is None or self.user is None or self.name is None:
             missing = [env_var(field) for field in ("host", "user", "name") if getattr(self, field) is None]
@@ -135,9 +148,11 @@ class DatabaseSettings(SettingsBase):
 
     def env_vars_for(self, *fields: str) -> str:
         """The variables that set `fields` (or the URL, when one is set), for messages."""
-        if self.url is not None or not fields:
-            return env_var("url")
-        return " and ".join(map(env_var, fields))
+        if self.url is None and fields:
+            return " and ".join(map(env_var, fields))
+        if "password" in fields and self.password is not None:
+            return f"{env_var('url')} and {env_var('password')}"
+        return env_var("url")
 
 
 def with_driver_params(url: URL) -> URL:
@@ -150,8 +165,13 @@ def with_driver_params(url: URL) -> URL:
             f" (it takes {', '.join(sorted(DRIVER_PARAMS | SSL_PARAMS.keys()))};"
             " timeouts are settings of their own)"
         )
-    if not str(query.get("host", "/")).startswith("/"):
-        raise ValueError(f"{env_var('url')}: ?host= names a Unix socket directory; a server goes after the @")
+    hosts = query.get("host", ())
+    for host in (hosts,) if isinstance(hosts, str) else hosts:
+        # A socket directory, or one of several servers (host or host:port) to try in turn.
+        if not (host.startswith("/") or HOST_AND_PORT.fullmatch(host)):
+            raise ValueError(f"{env_var('url')}: ?host= takes a socket directory or host:port")
+    if hosts and url.host:
+        raise ValueError(f"{env_var('url')}: name the hosts either after the @ or in ?host=, not both")
     if query.get("target_session_attrs", "any") not in TARGET_SESSION_ATTRS:
         raise ValueError(
             f"{env_var('url')}: target_session_attrs must be {' or '.join(TARGET_SESSION_ATTRS)}"
