@@ -8,6 +8,7 @@ themselves, without a server.
 from __future__ import annotations
 
 import pytest
+from sqlalchemy.engine import URL
 
 from rendering import Project, failed_line
 from servers import SQLiteFiles, component_variables, free_port, url_string
@@ -98,7 +99,9 @@ def test_unix_socket_directory_as_host(service: Service) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert service.version() == [("0001",)]
     # The same as a URL, as managed databases hand it out: the socket directory in ?host=.
-    as_url = url_string(service.url.set(host=None, query={"host": str(service.server.socket_dir)}))
+    url = service.url
+    socket = URL.create(url.drivername, url.username, url.password, None, url.port, url.database)
+    as_url = url_string(socket.set(query={"host": str(service.server.socket_dir)}))
     result = service.alembic("downgrade", "base", DATABASE_URL=as_url, network=False)
     assert result.returncode == 0, result.stdout + result.stderr
     # A socket that is not there is named, with the port that chooses its file.
@@ -118,5 +121,28 @@ def test_target_session_attrs_that_no_server_matches(service: Service) -> None:
     line = failed_line(
         service.alembic("current", DATABASE_URL=url_string(service.url) + "?target_session_attrs=standby")
     )
-    assert "the server is not a standby server (target_session_attrs)" in line
+    assert "no server there is a standby server (target_session_attrs)" in line
     assert "SessionAttribute" not in line
+
+
+def test_several_servers_in_the_url_and_the_one_that_fits(service: Service) -> None:
+    """libpq's failover form: the hosts in ?host=, target_session_attrs picks the server."""
+    url = service.url
+    hosts = f"?host=127.0.0.1:{free_port()}&host=127.0.0.1:{url.port}&target_session_attrs=read-write"
+    as_url = url_string(URL.create(url.drivername, url.username, url.password, database=url.database)) + hosts
+    result = service.alembic("upgrade", "head", DATABASE_URL=as_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert service.version() == [("0001",)]
+
+
+def test_a_wrong_password_beside_a_url_names_both_variables(service: Service) -> None:
+    url = service.url
+    without_password = url_string(URL.create(url.drivername, url.username, None, url.host, url.port, url.database))
+    line = failed_line(service.alembic("current", DATABASE_URL=without_password, DATABASE_PASSWORD="wrong"))
+    assert "password authentication failed" in line and line.endswith("check DATABASE_URL and DATABASE_PASSWORD")
+
+
+def test_a_url_with_a_trailing_newline_works(service: Service) -> None:
+    """A URL stored with `echo` into a secret ends in a newline: no part of the URL."""
+    result = service.alembic("upgrade", "head", DATABASE_URL=url_string(service.url) + "\n")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -64,7 +64,7 @@ def parse_duration(value: Any) -> Any:
     if 0 < milliseconds < 1:
         raise ValueError("shorter than 1ms, it would round to 0: use 0, or 1ms or more")
     if milliseconds > LONGEST / timedelta(milliseconds=1):
-        raise ValueError("at most 2147483647ms (about 24 days), PostgreSQL's limit")
+        raise ValueError("at most 2147483647ms (about 24 days)")
     return timedelta(milliseconds=milliseconds)
 
 
