@@ -9,6 +9,8 @@ authentication, over the same generated revisions, interleaved run by run so tha
 machine load falls on both alike. Each figure is the median of --repeat runs, after
 one warm-up run (bytecode compiled, files cached). The stock environment takes its
 URL from alembic.ini, as its README says (% escaped as %%); ours from DATABASE_URL.
+Two more environments take their turns too, to compare like with like: the stock one
+with the same gc.freeze() call as ours, and ours without it.
 """
 
 from __future__ import annotations
@@ -133,8 +135,15 @@ def interleaved(runs: dict[str, Callable[[], Figures]], repeat: int) -> dict[str
     }
 
 
-def ratio_row(name: str, medians: dict[str, Figures], key: str, limit: float | None) -> Row:
-    (ours, ours_cpu), (stock, stock_cpu) = medians["ours"][key], medians["stock"][key]
+def ratio_row(
+    name: str,
+    medians: dict[str, Figures],
+    key: str,
+    limit: float | None,
+    subject: str = "ours",
+    baseline: str = "stock",
+) -> Row:
+    (ours, ours_cpu), (stock, stock_cpu) = medians[subject][key], medians[baseline][key]
     met = None if limit is None else ours / stock <= limit
     return Row(name, ours, stock, f"<= {limit:.2f}x" if limit else "-", met, ours_cpu / stock_cpu)
 
@@ -161,7 +170,19 @@ def migration_rows(template: Path, work: Path, revisions: int, repeat: int) -> l
                 for line in ini.read_text().splitlines(keepends=True)
             )
         )
-        for project in (ours, stock):
+        # Like for like (issue 11): the stock env.py with the same gc.freeze() call as ours,
+        # and ours without it, so that the table shows what the call earns.
+        stock_frozen, ours_unfrozen = work / "stock-frozen", work / "ours-unfrozen"
+        shutil.copytree(stock, stock_frozen)
+        env_py = stock_frozen / "migrations" / "env.py"
+        env_py.write_text(env_py.read_text().replace("config = context.config\n", FREEZE, 1))
+        shutil.copytree(ours, ours_unfrozen)
+        env_py = ours_unfrozen / "migrations" / "env.py"
+        source = env_py.read_text()
+        if "    gc.freeze()\n" not in source:
+            raise SystemExit(f"{env_py} no longer calls gc.freeze(): update bench/run.py")
+        env_py.write_text(source.replace("    gc.freeze()\n", "    pass\n", 1))
+        for project in (ours, stock, stock_frozen, ours_unfrozen):
             write_revisions(project / "migrations" / "versions", revisions)
 
         def one_pass(cwd: Path, env: dict[str, str]) -> Callable[[], Figures]:
@@ -174,10 +195,13 @@ def migration_rows(template: Path, work: Path, revisions: int, repeat: int) -> l
                 "sql": timed([*alembic, "upgrade", "head", "--sql"], cwd, env),
             }
 
+        ours_env = subprocess_env(DATABASE_URL=f"postgresql://{where}")
         medians = interleaved(
             {
-                "ours": one_pass(ours, subprocess_env(DATABASE_URL=f"postgresql://{where}")),
+                "ours": one_pass(ours, ours_env),
                 "stock": one_pass(stock, subprocess_env()),
+                "stock+freeze": one_pass(stock_frozen, subprocess_env()),
+                "ours-unfrozen": one_pass(ours_unfrozen, ours_env),
             },
             repeat,
         )
@@ -186,7 +210,20 @@ def migration_rows(template: Path, work: Path, revisions: int, repeat: int) -> l
         ratio_row(f"alembic upgrade head ({revisions} revisions)", medians, "upgrade", 1.05),
         ratio_row(f"alembic downgrade base ({revisions} revisions)", medians, "downgrade", 1.05),
         ratio_row(f"alembic upgrade head --sql ({revisions} revisions)", medians, "sql", None),
+        *(
+            ratio_row(f"  {label}, like for like: stock with gc.freeze()", medians, key, None, baseline="stock+freeze")
+            for label, key in LIKE_FOR_LIKE
+        ),
+        *(
+            ratio_row(f"  {label}, ours without gc.freeze()", medians, key, None, subject="ours-unfrozen")
+            for label, key in LIKE_FOR_LIKE
+        ),
     ]
+
+
+LIKE_FOR_LIKE = [("current", "current"), ("upgrade", "upgrade"), ("downgrade", "downgrade")]
+# What ours does, at the same place: after the imports, before the logging set-up.
+FREEZE = "config = context.config\n\nimport gc  # noqa: E402\n\ngc.freeze()\n"
 
 
 def render_rows(template: Path, work: Path, repeat: int) -> list[Row]:

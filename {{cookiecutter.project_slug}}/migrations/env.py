@@ -38,7 +38,8 @@ config.set_main_option(
     migrate.ini_escape(settings.async_url().render_as_string(hide_password=False)),
 )
 
-OPTIONS = {
+# What context.configure() gets in both modes.
+CONFIGURE_OPTIONS = {
     "target_metadata": Base.metadata,
 {% if cookiecutter.database == "postgresql" %}
     # {{ cookiecutter.env_prefix }}DATABASE_SCHEMA: alembic_version there, and autogenerate looks at no other schema.
@@ -57,7 +58,7 @@ def run_migrations_offline() -> None:
         url=config.get_main_option("sqlalchemy.url"),
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
-        **OPTIONS,
+        **CONFIGURE_OPTIONS,
     )
     with context.begin_transaction():
 {% if cookiecutter.database == "postgresql" %}
@@ -71,11 +72,11 @@ def run_migrations_offline() -> None:
 {% if cookiecutter.database == "postgresql" %}
 def do_run_migrations(connection: Connection) -> None:
     """Run the migrations on `connection`: migration lock, limits, one transaction per revision."""
-    MigrationSession(context, connection, settings, **OPTIONS).run()
+    MigrationSession(context, connection, settings, **CONFIGURE_OPTIONS).run()
 {% else %}
 def do_run_migrations(connection: Connection) -> None:
     """Run the migrations on `connection`, a transaction per revision."""
-    revisions = migrate.Revisions(context, connection, **OPTIONS)
+    revisions = migrate.Revisions(context, connection, **CONFIGURE_OPTIONS)
     try:
         revisions.run()
     except Exception as exc:
