@@ -9,8 +9,9 @@ authentication, over the same generated revisions, interleaved run by run so tha
 machine load falls on both alike. Each figure is the median of --repeat runs, after
 one warm-up run (bytecode compiled, files cached). The stock environment takes its
 URL from alembic.ini, as its README says (% escaped as %%); ours from DATABASE_URL.
-Two more environments take their turns too, to compare like with like: the stock one
-with the same gc.freeze() call as ours, and ours without it.
+More environments take their turns too, to compare like with like: the stock one with
+the same gc.freeze() call as ours; the stock one with that call and a transaction per
+revision (transaction_per_migration=True), as ours runs them; and ours without the call.
 """
 
 from __future__ import annotations
@@ -176,13 +177,22 @@ def migration_rows(template: Path, work: Path, revisions: int, repeat: int) -> l
         shutil.copytree(stock, stock_frozen)
         env_py = stock_frozen / "migrations" / "env.py"
         env_py.write_text(env_py.read_text().replace("config = context.config\n", FREEZE, 1))
+        # And the stock env.py doing what issue 9 made ours do: a transaction per revision.
+        stock_per_revision = work / "stock-per-revision"
+        shutil.copytree(stock_frozen, stock_per_revision)
+        env_py = stock_per_revision / "migrations" / "env.py"
+        source = env_py.read_text()
+        online = "connection=connection, target_metadata=target_metadata)"
+        if source.count(online) != 1:
+            raise SystemExit(f"{env_py} configures the online context differently: update bench/run.py")
+        env_py.write_text(source.replace(online, online[:-1] + ", transaction_per_migration=True)"))
         shutil.copytree(ours, ours_unfrozen)
         env_py = ours_unfrozen / "migrations" / "env.py"
         source = env_py.read_text()
         if "    gc.freeze()\n" not in source:
             raise SystemExit(f"{env_py} no longer calls gc.freeze(): update bench/run.py")
         env_py.write_text(source.replace("    gc.freeze()\n", "    pass\n", 1))
-        for project in (ours, stock, stock_frozen, ours_unfrozen):
+        for project in (ours, stock, stock_frozen, stock_per_revision, ours_unfrozen):
             write_revisions(project / "migrations" / "versions", revisions)
 
         def one_pass(cwd: Path, env: dict[str, str]) -> Callable[[], Figures]:
@@ -201,6 +211,7 @@ def migration_rows(template: Path, work: Path, revisions: int, repeat: int) -> l
                 "ours": one_pass(ours, ours_env),
                 "stock": one_pass(stock, subprocess_env()),
                 "stock+freeze": one_pass(stock_frozen, subprocess_env()),
+                "stock-per-revision": one_pass(stock_per_revision, subprocess_env()),
                 "ours-unfrozen": one_pass(ours_unfrozen, ours_env),
             },
             repeat,
@@ -211,17 +222,19 @@ def migration_rows(template: Path, work: Path, revisions: int, repeat: int) -> l
         ratio_row(f"alembic downgrade base ({revisions} revisions)", medians, "downgrade", 1.05),
         ratio_row(f"alembic upgrade head --sql ({revisions} revisions)", medians, "sql", None),
         *(
-            ratio_row(f"  {label}, like for like: stock with gc.freeze()", medians, key, None, baseline="stock+freeze")
-            for label, key in LIKE_FOR_LIKE
-        ),
-        *(
-            ratio_row(f"  {label}, ours without gc.freeze()", medians, key, None, subject="ours-unfrozen")
-            for label, key in LIKE_FOR_LIKE
+            ratio_row(f"  {key}: {label}", medians, key, None, subject, baseline)
+            for label, subject, baseline in LIKE_FOR_LIKE
+            for key in ("current", "upgrade", "downgrade")
         ),
     ]
 
 
-LIKE_FOR_LIKE = [("current", "current"), ("upgrade", "upgrade"), ("downgrade", "downgrade")]
+# Like for like (issue 11): what the gc.freeze() call earns, and what the rest costs.
+LIKE_FOR_LIKE = [
+    ("ours / stock + gc.freeze()", "ours", "stock+freeze"),
+    ("ours / stock + gc.freeze() + transaction per revision", "ours", "stock-per-revision"),
+    ("ours without gc.freeze() / stock", "ours-unfrozen", "stock"),
+]
 # What ours does, at the same place: after the imports, before the logging set-up.
 FREEZE = "config = context.config\n\nimport gc  # noqa: E402\n\ngc.freeze()\n"
 
@@ -269,7 +282,7 @@ def machine() -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = f"{'measurement':<58} {'ours':>9} {'stock':>9} {'ratio':>7} {'cpu':>7}  {'target':<9} result"
+    header = f"{'measurement':<68} {'ours':>9} {'stock':>9} {'ratio':>7} {'cpu':>7}  {'target':<9} result"
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -277,7 +290,7 @@ def print_table(rows: list[Row]) -> None:
         ratio = f"{row.ratio:6.2f}x" if row.ratio else f"{'-':>7}"
         cpu = f"{row.cpu_ratio:6.2f}x" if row.cpu_ratio else f"{'-':>7}"
         result = {True: "met", False: "MISSED", None: ""}[row.met]
-        print(f"{row.name:<58} {row.ours:8.3f}s {stock} {ratio} {cpu}  {row.target:<9} {result}")
+        print(f"{row.name:<68} {row.ours:8.3f}s {stock} {ratio} {cpu}  {row.target:<9} {result}")
 
 
 def main() -> None:

@@ -36,7 +36,8 @@ config.set_main_option(
     migrate.ini_escape(settings.async_url().render_as_string(hide_password=False)),
 )
 
-OPTIONS = {
+# What context.configure() gets in both modes.
+CONFIGURE_OPTIONS = {
     "target_metadata": Base.metadata,
     # DATABASE_SCHEMA: alembic_version there, and autogenerate looks at no other schema.
     **schema_options(settings),
@@ -49,7 +50,7 @@ def run_migrations_offline() -> None:
         url=config.get_main_option("sqlalchemy.url"),
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
-        **OPTIONS,
+        **CONFIGURE_OPTIONS,
     )
     with context.begin_transaction():
         # A script applied by hand gets the role, schema and limits an online run sets.
@@ -60,7 +61,7 @@ def run_migrations_offline() -> None:
 
 def do_run_migrations(connection: Connection) -> None:
     """Run the migrations on `connection`: migration lock, limits, one transaction per revision."""
-    MigrationSession(context, connection, settings, **OPTIONS).run()
+    MigrationSession(context, connection, settings, **CONFIGURE_OPTIONS).run()
 
 
 async def run_async_migrations(engine: AsyncEngine | None) -> None:
