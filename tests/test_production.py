@@ -186,7 +186,11 @@ def test_through_pgbouncer_in_transaction_mode(service: Service) -> None:
     assert service.tables() == {"alembic_version"} and service.version() == []
 
 
-def test_autocommit_block_inside_one_transaction_is_a_clear_error(service: Service) -> None:
+# PYTHONOPTIMIZE=1 is `python -O`: no assert may carry the refusal.
+@pytest.mark.parametrize(
+    "optimize", [pytest.param({}, id="python"), pytest.param({"PYTHONOPTIMIZE": "1"}, id="python-O")]
+)
+def test_autocommit_block_inside_one_transaction_is_a_clear_error(service: Service, optimize: dict[str, str]) -> None:
     """PgBouncer mode runs everything in one transaction, where autocommit_block() cannot."""
     service.add_revision(
         "0002_index",
@@ -196,12 +200,25 @@ def test_autocommit_block_inside_one_transaction_is_a_clear_error(service: Servi
             op.create_index("ix_thing_name", "thing", ["name"], postgresql_concurrently=True)
         """,
     )
-    line = failed_line(service.alembic("upgrade", "head", DATABASE_PGBOUNCER="true"))
+    line = failed_line(service.alembic("upgrade", "head", DATABASE_PGBOUNCER="true", **optimize))
     assert "0002_index.py uses autocommit_block()" in line and "DATABASE_PGBOUNCER" in line
     assert "nothing of this run was applied" in line and "direct connection" in line
     assert service.tables() == set()
-    assert service.alembic("upgrade", "head").returncode == 0  # through a direct connection it works
+    # Through a direct connection it works.
+    assert service.alembic("upgrade", "head", **optimize).returncode == 0
     assert service.version() == [("0002_index",)]
+
+
+def test_python_O_runs_and_fails_as_plain_python(service: Service) -> None:
+    """`python -O -m alembic`: upgrade, a failing revision's line, downgrade, offline SQL."""
+    optimize = {"PYTHONOPTIMIZE": "1"}
+    service.add_revision("0002_bad", "0001", 'op.execute("SELECT no_such_function()")')
+    line = failed_line(service.alembic("upgrade", "head", **optimize))
+    assert "0002_bad.py failed" in line and "the database is at 0001" in line
+    (service.project.path / "migrations" / "versions" / "0002_bad.py").unlink()
+    assert service.alembic("upgrade", "head", "--sql", **optimize).returncode == 0
+    assert service.alembic("downgrade", "base", **optimize).returncode == 0
+    assert service.tables() == {"alembic_version"} and service.version() == []
 
 
 # --- secrets ---------------------------------------------------------------------
