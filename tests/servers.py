@@ -51,23 +51,8 @@ class Server:
 
     def execute(self, *statements: str, database: str | None = None) -> list[tuple]:
         """Run statements as the admin, in autocommit; return the last one's rows."""
-        url = self.admin_url.set(drivername=ASYNC_DRIVERS[self.backend])
-        if database is not None:
-            url = url.set(database=database)
-
-        async def run() -> list[tuple]:
-            engine = create_async_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-            try:
-                async with engine.connect() as connection:
-                    rows: list[tuple] = []
-                    for statement in statements:
-                        result = await connection.execute(text(statement))
-                        rows = [tuple(row) for row in result] if result.returns_rows else []
-                    return rows
-            finally:
-                await engine.dispose()
-
-        return asyncio.run(run())
+        url = self.admin_url if database is None else self.admin_url.set(database=database)
+        return execute(url, *statements)
 
     def create_database(self, user: str | None = None, password: str | None = None) -> URL:
         """A new database, owned by a new role with `password` when given; its URL."""
@@ -156,6 +141,25 @@ class SQLiteFiles:
         with contextlib.closing(sqlite3.connect(url.database)) as connection:
             rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
         return {row[0] for row in rows}
+
+
+def execute(url: URL, *statements: str) -> list[tuple]:
+    """Run statements as the user of `url`, in autocommit; return the last one's rows."""
+    url = url.set(drivername=ASYNC_DRIVERS[url.get_backend_name()])
+
+    async def run() -> list[tuple]:
+        engine = create_async_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as connection:
+                rows: list[tuple] = []
+                for statement in statements:
+                    result = await connection.execute(text(statement))
+                    rows = [tuple(row) for row in result] if result.returns_rows else []
+                return rows
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
 
 
 def url_string(url: URL) -> str:

@@ -31,11 +31,9 @@ import yaml
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
 
 from rendering import Project, failed_line, make_project, render, subprocess_env
-from servers import Server, _as_service_user, free_port, pg_literal, pgbouncer, postgres_bindir, url_string
+from servers import Server, _as_service_user, execute, free_port, pg_literal, pgbouncer, postgres_bindir, url_string
 from service import SECRET, Service, assert_no_password, wait_for
 
 MORE_MODEL = """
@@ -78,25 +76,6 @@ def start(project: Project, env: dict[str, str], log: Path, *args: str) -> subpr
 def waits(output: str) -> list[str]:
     """The log lines of DATABASE_WAIT: one per try that failed while the server was not up."""
     return [line for line in output.splitlines() if "next try in" in line]
-
-
-def run_as(url: URL, *statements: str) -> list[tuple]:
-    """Run statements as the user of `url` (PostgreSQL), in autocommit; the last one's rows."""
-
-    async def run() -> list[tuple]:
-        engine = create_async_engine(url.set(drivername="postgresql+asyncpg"), poolclass=NullPool)
-        try:
-            async with engine.connect() as connection:
-                await connection.execution_options(isolation_level="AUTOCOMMIT")
-                rows: list[tuple] = []
-                for statement in statements:
-                    result = await connection.execute(text(statement))
-                    rows = [tuple(row) for row in result] if result.returns_rows else []
-                return rows
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
 
 
 # --- DATABASE_WAIT: a server that is not up yet --------------------------------------
@@ -161,16 +140,19 @@ def late_postgres() -> Iterator[LatePostgres]:
 class LatePort:
     """A loopback port where a server arrives late. At first nothing listens (connections
     are refused); after listen() it accepts connections and says nothing (a server that
-    does not answer yet); after forward() it passes each new connection on to the real
-    server at `target_port`."""
+    does not answer yet), or with listen(closing=True) closes each at once (a container's
+    published port before its server listens); after forward() it passes each new
+    connection on to the real server at `target_port`."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
         self.forwarding = threading.Event()
         self.sockets: list[socket.socket] = []
+        self.closing = False
 
-    def listen(self) -> None:
+    def listen(self, *, closing: bool = False) -> None:
+        self.closing = closing
         listener = socket.create_server(("127.0.0.1", self.port))
         self.sockets.append(listener)
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
@@ -189,6 +171,9 @@ class LatePort:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if not self.forwarding.is_set() and self.closing:
+                client.close()
+                continue
             self.sockets.append(client)
             if not self.forwarding.is_set():
                 continue  # held open, and never a word
@@ -256,6 +241,31 @@ def test_wait_outlasts_a_mysql_that_arrives_late(mysql: Server, tmp_path: Path) 
     tries = waits(output)
     assert f"127.0.0.1:{late.port}" in tries[0] and "Can't connect to MySQL server" in tries[0]
     assert any("no answer within 1 s" in line for line in tries)
+    assert_no_password(output)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "mysql"])
+def test_wait_outlasts_a_port_that_closes_each_connection(
+    request: pytest.FixtureRequest, database: str, tmp_path: Path
+) -> None:
+    server = request.getfixturevalue("postgres" if database == "postgresql" else "mysql")
+    project = make_project(tmp_path / "render", database=database)
+    project.add_thing()
+    url = server.create_database(password=SECRET)
+    late = LatePort(url.port)
+    late.listen(closing=True)
+    log = tmp_path / "migration.log"
+    migration = start(project, {"DATABASE_URL": url_string(url.set(port=late.port)), "DATABASE_WAIT": "2min"}, log)
+    try:
+        wait_for(lambda: len(waits(log.read_text())) >= 2, "two tries on the closing port")
+        late.forward()
+        migration.wait(timeout=60)
+    finally:
+        migration.kill()
+        late.close()
+    output = log.read_text()
+    assert migration.returncode == 0, output
+    assert "thing" in server.tables(url)
     assert_no_password(output)
 
 
@@ -491,15 +501,15 @@ def test_the_owner_role_owns_everything_the_migration_creates(
             (owner_roles.owner,)
         ]
     # The application's login, with the README's default privileges: rows yes, tables no.
-    assert run_as(owner_roles.app_url, f"INSERT INTO {where}.thing (name) VALUES ('a') RETURNING id") == [(1,)]
-    assert run_as(owner_roles.app_url, f"SELECT name FROM {where}.thing") == [("a",)]
+    assert execute(owner_roles.app_url, f"INSERT INTO {where}.thing (name) VALUES ('a') RETURNING id") == [(1,)]
+    assert execute(owner_roles.app_url, f"SELECT name FROM {where}.thing") == [("a",)]
     with pytest.raises(DBAPIError, match="must be owner of table thing"):
-        run_as(owner_roles.app_url, f"ALTER TABLE {where}.thing ADD COLUMN x integer")
+        execute(owner_roles.app_url, f"ALTER TABLE {where}.thing ADD COLUMN x integer")
     # The next revision, by the same login, keeps the owner; and so does going down.
     add_more(service.project)
     assert succeeded(service.project.cli("upgrade", "head", env=env))
     assert owners_in(service, where)["more"] == owner_roles.owner
-    assert run_as(owner_roles.app_url, f"SELECT count(*) FROM {where}.more") == [(0,)]
+    assert execute(owner_roles.app_url, f"SELECT count(*) FROM {where}.more") == [(0,)]
     assert succeeded(service.project.cli("downgrade", "0001", env=env))
 
 

@@ -155,6 +155,18 @@ def test_a_connection_handed_in_names_the_database(settings_module, database, in
 
 
 @pytest.mark.parametrize("database", SERVERS)
+@pytest.mark.parametrize("given", ["u:p@test.internal", "u@test.internal"], ids=["with-password", "without"])
+def test_a_connection_handed_in_brings_its_own_password(
+    settings_module, database, in_empty_dir, monkeypatch, given
+) -> None:
+    """DATABASE_PASSWORD (a secret file, .env) is for the variables' database, not for one the
+    caller names: an app's own engine handed to upgrade_async(), or the tests' TEST_DATABASE_URL."""
+    monkeypatch.setenv("APP_DATABASE_PASSWORD", SECRET)
+    url = settings_module.load_settings(url=f"{database}://{given}/test").async_url()
+    assert url.password == ("p" if ":" in given else None)
+
+
+@pytest.mark.parametrize("database", SERVERS)
 def test_password_beside_a_url(settings_module, database, in_empty_dir, monkeypatch) -> None:
     """A URL without a password takes DATABASE_PASSWORD (a secret file, say); with one, it is refused."""
     monkeypatch.setenv("APP_DATABASE_URL", f"{database}://app@h/db")
@@ -428,6 +440,44 @@ def test_durations_are_checked_before_they_reach_the_server(
         settings_module.load_settings()
     monkeypatch.setenv(f"APP_DATABASE_{variable}", " 1500ms ")
     assert getattr(settings_module.load_settings(), variable.lower()) == timedelta(milliseconds=1500)
+
+
+@pytest.mark.parametrize("database", ["postgresql"])
+@pytest.mark.parametrize("variable", ["LOCK_TIMEOUT", "LOCK_TIMEOUT_FIRST"])
+def test_a_lock_wait_of_0_is_refused(settings_module, database, in_empty_dir, monkeypatch, variable) -> None:
+    """PostgreSQL's lock_timeout 0 waits for ever: no retry, no budget, and every query behind it."""
+    monkeypatch.setenv("APP_DATABASE_URL", "postgresql://u:p@h/db")
+    monkeypatch.setenv(f"APP_DATABASE_{variable}", "0")
+    with pytest.raises(settings_module.SettingsError, match=f"APP_DATABASE_{variable} must be more than 0"):
+        settings_module.load_settings()
+
+
+@pytest.mark.parametrize("database", ["postgresql"])
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        pytest.param("SCHEMA", "tenant_a\n", "tenant_a", id="schema-from-a-configmap-block"),
+        pytest.param("SCHEMA", " tenant_a ", "tenant_a", id="schema-pasted-with-spaces"),
+        pytest.param("MIGRATION_ROLE", "owner\n", "owner", id="role-with-a-newline"),
+    ],
+)
+def test_names_lose_surrounding_whitespace(
+    settings_module, database, in_empty_dir, monkeypatch, variable, value, expected
+) -> None:
+    """PostgreSQL would take "tenant_a\n" as a schema of its own, SQLAlchemy as tenant_a."""
+    monkeypatch.setenv("APP_DATABASE_URL", "postgresql://u:p@h/db")
+    monkeypatch.setenv(f"APP_DATABASE_{variable}", value)
+    settings = settings_module.load_settings()
+    assert (settings.schema_name if variable == "SCHEMA" else settings.migration_role) == expected
+
+
+@pytest.mark.parametrize("database", ["postgresql"])
+@pytest.mark.parametrize("schema", ["pg_tenant", "pg_catalog", "information_schema"])
+def test_postgresqls_own_schemas_are_refused(settings_module, database, in_empty_dir, monkeypatch, schema) -> None:
+    monkeypatch.setenv("APP_DATABASE_URL", "postgresql://u:p@h/db")
+    monkeypatch.setenv("APP_DATABASE_SCHEMA", schema)
+    with pytest.raises(settings_module.SettingsError, match="APP_DATABASE_SCHEMA names a schema of PostgreSQL's own"):
+        settings_module.load_settings()
 
 
 @pytest.mark.parametrize("database", ["postgresql"])

@@ -164,11 +164,15 @@ class SettingsBase(BaseSettings):
         """Read the settings; raise SettingsError with one line naming what to fix.
 
         `overrides` win over every source; when they name the database (a connection
-        handed to Alembic does), the variables that would have are not consulted.
+        handed to Alembic does), the variables that would have are not consulted, nor
+        the password: the database the caller names is the whole of it.
         """
         secrets = secrets_dir()
         check_files(cls, secrets)
-        if not overrides.keys() & set(cls.names_the_database):
+        if overrides.keys() & set(cls.names_the_database):
+            if "password" in cls.model_fields:
+                overrides.setdefault("password", None)
+        else:
             check_one_place(cls, secrets)
         try:
             return cls(_secrets_dir=secrets, **overrides)
