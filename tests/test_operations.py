@@ -429,6 +429,49 @@ def test_a_schema_the_role_may_not_create_is_one_line_naming_the_variable(servic
     assert tables_in(service, "tenant_a").keys() == {"alembic_version", "thing"}
 
 
+def test_a_schema_the_role_may_not_use_is_one_line_naming_the_variable(service: Service) -> None:
+    """An existing schema without USAGE for the role: every command says so, `current` included."""
+    service.query("CREATE SCHEMA kept_apart")
+    for command in (["upgrade", "head"], ["current"]):
+        line = failed_line(service.alembic(*command, DATABASE_SCHEMA="kept_apart"))
+        assert "may not use the schema kept_apart (DATABASE_SCHEMA)" in line
+        assert f'GRANT USAGE, CREATE ON SCHEMA "kept_apart" TO "{service.url.username}"' in line
+    service.query(f'GRANT USAGE, CREATE ON SCHEMA kept_apart TO "{service.url.username}"')
+    assert succeeded(service.alembic("upgrade", "head", DATABASE_SCHEMA="kept_apart"))
+    assert tables_in(service, "kept_apart").keys() == {"alembic_version", "thing"}
+
+
+@pytest.mark.parametrize("target", ["base", "-1"])
+def test_a_downgrade_does_not_create_a_missing_schema(service: Service, target: str) -> None:
+    """A misspelt tenant: nothing to undo there, said so, and no empty schema left behind."""
+    line = failed_line(service.alembic("downgrade", target, DATABASE_SCHEMA="tenant_typo"))
+    assert "the schema tenant_typo (DATABASE_SCHEMA) does not exist: nothing to undo there" in line
+    assert service.query("SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_typo'") == [(0,)]
+
+
+def test_a_blocked_tenant_names_its_own_blockers_only(service: Service) -> None:
+    """Sessions that lock another tenant's table of the same name are not in the way, and not named."""
+    for tenant in ("tenant_a", "tenant_b"):
+        assert succeeded(service.alembic("upgrade", "0001", DATABASE_SCHEMA=tenant))
+    service.add_revision(
+        "0002_colour", "0001", 'op.add_column("thing", sa.Column("colour", sa.String(20)))',
+        downgrade='op.drop_column("thing", "colour")',
+    )  # fmt: skip
+
+    def report(tenant: str) -> list[str]:
+        return [f"SELECT set_config('application_name', '{tenant}-report', false)", f"SELECT * FROM {tenant}.thing"]
+
+    with (
+        service.server.holding(service.url.database, *report("tenant_a")),
+        service.server.holding(service.url.database, *report("tenant_b")),
+    ):
+        result = service.alembic(
+            "upgrade", "head", DATABASE_SCHEMA="tenant_b", DATABASE_LOCK_RETRY_BUDGET="0", DATABASE_LOCK_TIMEOUT="300ms"
+        )
+    line = failed_line(result)
+    assert "waited 300ms for a lock" in line and "'tenant_b-report'" in line and "tenant_a-report" not in line
+
+
 @pytest.mark.parametrize("variable", ["DATABASE_SCHEMA", "DATABASE_MIGRATION_ROLE"])
 @pytest.mark.parametrize("value", ["", "ü" * 32], ids=["empty", "64-bytes"])
 def test_a_name_postgresql_would_cut_short_is_refused_before_connecting(
@@ -521,6 +564,15 @@ def test_a_role_the_login_may_not_set_is_one_line_naming_the_variable(service: S
     assert f'GRANT "{role}" TO "{service.url.username}"' in line
     assert service.tables() == set()
     assert_no_password(line)
+
+
+def test_a_role_that_does_not_exist_is_named_as_such(service: Service) -> None:
+    line = failed_line(service.alembic("upgrade", "head", DATABASE_MIGRATION_ROLE="no_such_owner"))
+    assert (
+        'cannot switch to the role no_such_owner (DATABASE_MIGRATION_ROLE): role "no_such_owner" does not exist' in line
+    )
+    assert line.endswith("create the role, or correct DATABASE_MIGRATION_ROLE") and "GRANT" not in line
+    assert service.tables() == set()
 
 
 def test_sql_scripts_set_the_role_and_the_schema(service: Service, owner_roles: OwnerRoles) -> None:

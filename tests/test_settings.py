@@ -471,6 +471,24 @@ def test_names_lose_surrounding_whitespace(
     assert (settings.schema_name if variable == "SCHEMA" else settings.migration_role) == expected
 
 
+@pytest.mark.parametrize("database", ["mysql", "sqlite"])
+@pytest.mark.parametrize("variable", ["SCHEMA", "MIGRATION_ROLE"])
+@pytest.mark.parametrize("place", ["environment", ".env"])
+def test_postgresqls_settings_are_refused_elsewhere(
+    settings_module, database, in_empty_dir, monkeypatch, variable, place
+) -> None:
+    """A tenant's schema or an owner role that MySQL would ignore: whoever set it expects it to act."""
+    monkeypatch.setenv("APP_DATABASE_URL", f"{database}://u:p@h/db" if database == "mysql" else "sqlite:///x.db")
+    if place == "environment":
+        monkeypatch.setenv(f"APP_DATABASE_{variable}", "tenant_a")
+    else:
+        (in_empty_dir / ".env").write_text(f"app_database_{variable.lower()}=tenant_a\n")
+    with pytest.raises(
+        settings_module.SettingsError, match=f"APP_DATABASE_{variable} is PostgreSQL's and would have no effect here"
+    ):
+        settings_module.load_settings()
+
+
 @pytest.mark.parametrize("database", ["postgresql"])
 @pytest.mark.parametrize("schema", ["pg_tenant", "pg_catalog", "information_schema"])
 def test_postgresqls_own_schemas_are_refused(settings_module, database, in_empty_dir, monkeypatch, schema) -> None:

@@ -210,8 +210,8 @@ def run_coroutine(coroutine: Coroutine[Any, Any, None]) -> None:
 
 
 STOPPED = (
-    "the statement that ran was cancelled and the revision's open transaction rolled back"
-    " (`alembic current` shows where the database is)"
+    "nothing more runs: a statement that was running is cancelled, and the open transaction of a"
+    " revision, if one had begun, rolled back (`alembic current` shows where the database is)"
 )
 
 
@@ -326,6 +326,13 @@ class Revisions:
                     # What failed is the cleanup after a cancelled statement: the cancel it is.
                     raise asyncio.CancelledError() from exc
                 raise
+
+    def applies_any(self) -> bool:
+        """Whether the command, run on a database without revisions, would apply any."""
+        try:
+            return any(step.is_upgrade for step in self._plan((), self.context.get_context()))
+        except CommandError:
+            return False  # such as `downgrade -1`: there is no revision to go down from
 
     def replan(self) -> None:
         """Compute the plan again from the heads in the database, on the next run() (the

@@ -158,6 +158,8 @@ class SettingsBase(BaseSettings):
 
     # The fields that say which database to use: they must all come from one place.
     names_the_database: ClassVar[tuple[str, ...]] = ()
+    # PostgreSQL's settings that this database has not: set, they would be ignored.
+    postgresql_only: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def load(cls, **overrides: Any) -> Self:
@@ -169,6 +171,7 @@ class SettingsBase(BaseSettings):
         """
         secrets = secrets_dir()
         check_files(cls, secrets)
+        refuse_settings_of_another_database(cls)
         if overrides.keys() & set(cls.names_the_database):
             if "password" in cls.model_fields:
                 overrides.setdefault("password", None)
@@ -243,6 +246,18 @@ def check_one_place(settings: type[SettingsBase], secrets: str | None) -> None:
             f"database settings: the variables that say which database to use come from different places"
             f" ({named}): set them all in one place"
         )
+
+
+def refuse_settings_of_another_database(settings: type[SettingsBase]) -> None:
+    """Whoever set PostgreSQL's DATABASE_SCHEMA for MySQL expects it to act: say it would not."""
+    given = {name.upper() for name in os.environ}
+    if Path(".env").is_file():
+        given |= {name.upper() for name in DotEnvSettingsSource(settings).env_vars}
+    for field in settings.postgresql_only:
+        if env_var(field).upper() in given:
+            raise SettingsError(
+                f"database settings: {env_var(field)} is PostgreSQL's and would have no effect here: unset it"
+            )
 
 
 def refuse_names_in_two_cases(settings: type[BaseSettings], secrets: str | None) -> None:

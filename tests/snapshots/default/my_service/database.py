@@ -116,8 +116,10 @@ def not_up_yet(exc: BaseException) -> bool:
         return False
     if isinstance(error, OSError):
         # Several addresses for the host (localhost: ::1 and 127.0.0.1) that all failed
-        # differently come as one plain OSError without an errno.
-        return error.errno in NOT_UP_YET_ERRNOS or (type(error) is OSError and error.errno is None)
+        # differently come as one plain OSError without an errno; a connection closed as
+        # soon as it was accepted (a container's published port before its server
+        # listens) as a plain ConnectionError without one.
+        return error.errno in NOT_UP_YET_ERRNOS or (type(error) in (OSError, ConnectionError) and error.errno is None)
     return sqlstate(exc) in NOT_UP_YET_SQLSTATES
 
 

@@ -86,10 +86,15 @@ VERSION_TABLE = "alembic_version"
 # Who is in the way of a statement that timed out waiting: the sessions holding locks on the
 # tables it names, else (a CREATE INDEX CONCURRENTLY waits for older transactions) the
 # sessions with the oldest snapshots. Never their queries: those may hold data.
+# The tables a statement names are those of its schemas, or else of the search_path: another
+# tenant's table of the same name (DATABASE_SCHEMA), or another database's, is not in the way.
 BLOCKERS = text(
     "SELECT DISTINCT a.pid, a.application_name, extract(epoch FROM now() - a.xact_start)::float8"
-    " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_stat_activity a ON a.pid = l.pid"
+    " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " JOIN pg_stat_activity a ON a.pid = l.pid"
     " WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(:names)"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND (n.nspname = ANY(:names) OR n.nspname = ANY(current_schemas(false)))"
     " ORDER BY 3 DESC NULLS LAST LIMIT 3"
 )
 OLD_SNAPSHOTS = text(
@@ -97,6 +102,8 @@ OLD_SNAPSHOTS = text(
     " WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid() AND datname = current_database()"
     " ORDER BY age(backend_xmin) DESC LIMIT 3"
 )
+# SET ROLE to a role the login is not a member of (one that does not exist: 22023).
+INSUFFICIENT_PRIVILEGE = "42501"
 # How often a server checks that the client of a running statement is still there.
 CLIENT_CHECK_INTERVAL = "5s"
 
@@ -132,10 +139,11 @@ class MigrationSession:
             revisions.before_step = self._before_step
             revisions.server_in_transaction = in_server_transaction
             changes = not self.context.get_context().opts.get("dont_mutate")
+            self._check_schema()
             if changes and not self._version_table_exists():
                 # Alembic creates it before the first revision: only one replica may.
                 self._take_lock()
-                self._create_schema()
+                self._create_schema(revisions)
             self._run_with_retries(revisions)
             if self.own_transaction:
                 self.connection.commit()
@@ -196,13 +204,35 @@ class MigrationSession:
             if not self.one_transaction:
                 self.connection.rollback()
             login = self.settings.async_url().username
+            fix = f"create the role, or correct {env_var('migration_role')}"
+            if sqlstate(exc) == INSUFFICIENT_PRIVILEGE:
+                fix = f"the login role needs to be a member of it: GRANT {quoted(role)} TO {quoted(login or '')}"
             raise CommandError(
-                f"cannot switch to the role {role} ({env_var('migration_role')}): {driver_message(exc)};"
-                f" the login role needs to be a member of it: GRANT {quoted(role)} TO {quoted(login or '')}"
+                f"cannot switch to the role {role} ({env_var('migration_role')}): {driver_message(exc)}; {fix}"
             ) from exc
 
-    def _create_schema(self) -> None:
-        """Create the schema if it is missing (not for a command that changes nothing, such as `current`)."""
+    def _check_schema(self) -> None:
+        """An existing schema that the role may not use: say so, rather than let the first
+        query that reads alembic_version fail."""
+        schema = self.settings.schema_name
+        if schema is None:
+            return
+        usable = text(
+            "SELECT to_regnamespace(:name) IS NULL OR has_schema_privilege(to_regnamespace(:name), 'USAGE')"
+        )
+        if self.connection.execute(usable, {"name": quoted(schema)}).scalar():
+            self._end_setup_transaction()
+            return
+        self._end_setup_transaction()
+        owner = quoted(self.settings.migration_role or self.settings.async_url().username or "")
+        raise CommandError(
+            f"the role that migrates may not use the schema {schema} ({env_var('schema')}):"
+            f" GRANT USAGE, CREATE ON SCHEMA {quoted(schema)} TO {owner}, or choose the schema of this database"
+        )
+
+    def _create_schema(self, revisions: Revisions) -> None:
+        """Create the schema if it is missing, for a command that applies revisions (an
+        upgrade, a stamp): `current` changes nothing, and a downgrade has nothing to undo there."""
         schema = self.settings.schema_name
         if schema is None:
             return
@@ -210,6 +240,12 @@ class MigrationSession:
         if self.connection.execute(exists, {"name": quoted(schema)}).scalar():
             self._end_setup_transaction()
             return
+        self._end_setup_transaction()
+        if not revisions.applies_any():
+            raise CommandError(
+                f"the schema {schema} ({env_var('schema')}) does not exist: nothing to undo there (a typo?);"
+                " only a command that applies revisions creates it"
+            )
         try:
             # As the migration role, which owns it then. Not CREATE SCHEMA IF NOT EXISTS on
             # every run: it needs the CREATE privilege on the database even when the schema exists.

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, StringConstraints, field_validator, model_validator
 from sqlalchemy.engine import URL
 
 from .settings_base import (
@@ -39,6 +39,10 @@ HOST_AND_PORT = re.compile("(?:" + HOST.pattern + r"|\[[0-9A-Fa-f:.]+\])(?::[0-9
 TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 # PostgreSQL's longest name (NAMEDATALEN - 1).
 MAX_NAME_BYTES = 63
+# Besides pg_*, which PostgreSQL reserves for itself.
+SYSTEM_SCHEMAS = frozenset({"information_schema"})
+# A name with spaces around it stripped (an empty one is refused with the name's length rule).
+Stripped = Annotated[str, StringConstraints(strip_whitespace=True)]
 
 
 class DatabaseSettings(SettingsBase):
@@ -90,10 +94,12 @@ class DatabaseSettings(SettingsBase):
     # The schema of the tables and of alembic_version, created if missing; none: the
     # server's search_path. Each schema has a history of its own (one per tenant).
     # ("schema" would shadow a method of pydantic's models: the field has another name.)
-    schema_name: str | None = Field(default=None, validation_alias=env_var("schema"))
+    # Trimmed: a name with a space or newline at its end (a ConfigMap's `|` block adds one)
+    # would be one schema to PostgreSQL and another to SQLAlchemy, which leaves it unquoted.
+    schema_name: Stripped | None = Field(default=None, validation_alias=env_var("schema"))
     # SET ROLE to this role after connecting, so that it owns every object the migrations
     # create, alembic_version included (README.md, "An owner role").
-    migration_role: str | None = None
+    migration_role: Stripped | None = None
 
     _url: URL = PrivateAttr()
     names_the_database = ("url", "host", "port", "user", "name")
@@ -109,6 +115,13 @@ class DatabaseSettings(SettingsBase):
 
     @model_validator(mode="after")
     def _build_url(self) -> Self:
+        for field in ("lock_timeout", "lock_timeout_first"):
+            if not getattr(self, field):
+                # PostgreSQL's lock_timeout 0 waits for ever, and the application's queries behind it.
+                raise ValueError(
+                    f"{env_var(field)} must be more than 0 (0 would wait for a lock without a limit);"
+                    f" for one long wait, set {env_var('lock_retry_budget')}=0 and {env_var('lock_timeout')}"
+                )
         if self.lock_timeout_first > self.lock_timeout:
             raise ValueError(
                 f"{env_var('lock_timeout_first')} is longer than {env_var('lock_timeout')}, the longest wait"
@@ -140,6 +153,10 @@ class DatabaseSettings(SettingsBase):
             # PostgreSQL would cut a longer name short, and then use another schema or role.
             if name is not None and not 0 < len(name.encode()) <= MAX_NAME_BYTES:
                 raise ValueError(f"{env_var(field)} must be a name of 1 to {MAX_NAME_BYTES} bytes")
+        if self.schema_name is not None and (
+            self.schema_name.startswith("pg_") or self.schema_name in SYSTEM_SCHEMAS
+        ):
+            raise ValueError(f"{env_var('schema')} names a schema of PostgreSQL's own: choose another name")
         return self
 
     def async_url(self) -> URL:
