@@ -119,7 +119,9 @@ def not_up_yet(exc: BaseException) -> bool:
         # differently come as one plain OSError without an errno; a connection closed as
         # soon as it was accepted (a container's published port before its server
         # listens) as a plain ConnectionError without one.
-        return error.errno in NOT_UP_YET_ERRNOS or (type(error) in (OSError, ConnectionError) and error.errno is None)
+        return error.errno in NOT_UP_YET_ERRNOS or (
+            type(error) in (OSError, ConnectionError) and error.errno is None
+        )
     return sqlstate(exc) in NOT_UP_YET_SQLSTATES
 
 

@@ -203,12 +203,13 @@ class MigrationSession:
         except DBAPIError as exc:
             if not self.one_transaction:
                 self.connection.rollback()
-            login = self.settings.async_url().username
+            login = quoted(self.settings.async_url().username or "")
             fix = f"create the role, or correct {env_var('migration_role')}"
             if sqlstate(exc) == INSUFFICIENT_PRIVILEGE:
-                fix = f"the login role needs to be a member of it: GRANT {quoted(role)} TO {quoted(login or '')}"
+                fix = f"the login role needs to be a member of it: GRANT {quoted(role)} TO {login}"
             raise CommandError(
-                f"cannot switch to the role {role} ({env_var('migration_role')}): {driver_message(exc)}; {fix}"
+                f"cannot switch to the role {role} ({env_var('migration_role')}):"
+                f" {driver_message(exc)}; {fix}"
             ) from exc
 
     def _check_schema(self) -> None:
@@ -227,7 +228,7 @@ class MigrationSession:
         owner = quoted(self.settings.migration_role or self.settings.async_url().username or "")
         raise CommandError(
             f"the role that migrates may not use the schema {schema} ({env_var('schema')}):"
-            f" GRANT USAGE, CREATE ON SCHEMA {quoted(schema)} TO {owner}, or choose the schema of this database"
+            f" GRANT USAGE, CREATE ON SCHEMA {quoted(schema)} TO {owner}"
         )
 
     def _create_schema(self, revisions: Revisions) -> None:
