@@ -177,13 +177,18 @@ def test_a_revision_that_ends_its_transaction_cannot_fake_success(service: Servi
 
 FAILS = 'op.execute("SELECT no_such_function()")'
 PERMANENT = "it had made part of its work permanent (autocommit_block() or a commit() of its own), which stays"
+SQL_COMMITTED = "a COMMIT in its SQL had ended its transaction: what it did before that, and each statement after it"
 
 
 @pytest.mark.parametrize(
     ("body", "message"),
     [
         pytest.param(f"{EARLY}\nop.get_bind().commit()\n{LATE}\n{FAILS}", PERMANENT, id="commit-then-error"),
-        pytest.param(f'{EARLY}\nop.execute("COMMIT")\n{LATE}\n{FAILS}', PERMANENT, id="sql-commit-then-error"),
+        pytest.param(f'{EARLY}\nop.execute("COMMIT")\n{LATE}\n{FAILS}', SQL_COMMITTED, id="sql-commit-then-error"),
+        # Refused before it runs: Alembic would record the revision without what it threw away.
+        pytest.param(
+            f'{EARLY}\nop.execute("ROLLBACK")\n{LATE}', "a ROLLBACK in its SQL would throw away", id="sql-rollback"
+        ),
         # Alembic's transaction is open: SQLAlchemy refuses a second one.
         pytest.param(f"{EARLY}\nop.get_bind().begin()", "InvalidRequestError", id="begin"),
         # What it did is gone: recorded as applied, it would be a revision that is not there.
@@ -199,7 +204,25 @@ def test_a_revision_that_ends_its_transaction_then_fails_says_what_stays(
     assert revision in line and message in line
     assert "the database is at 0002_first" in line and service.version() == [("0002_first",)]
     # What it says stays is there; what it says rolled back is not.
-    assert ("early" in service.tables()) is (message == PERMANENT)
+    assert ("early" in service.tables()) is (message in (PERMANENT, SQL_COMMITTED))
+    assert ("late" in service.tables()) is (message == SQL_COMMITTED)
+
+
+@pytest.mark.parametrize("pgbouncer", [pytest.param("false", id="direct"), pytest.param("true", id="one-transaction")])
+def test_a_failure_at_commit_says_it_rolled_back(service: Service, pgbouncer: str) -> None:
+    """A deferred constraint fails at COMMIT, after Alembic recorded the version: nothing of it stays."""
+    service.add_revision(
+        "0002_child",
+        "0001",
+        """
+        op.execute("CREATE TABLE child (parent_id integer REFERENCES thing (id) DEFERRABLE INITIALLY DEFERRED)")
+        op.execute("INSERT INTO child VALUES (12345)")
+        """,
+    )
+    line = failed_line(service.alembic("upgrade", "head", DATABASE_PGBOUNCER=pgbouncer))
+    assert "violates foreign key constraint" in line and "made part of its work permanent" not in line
+    assert ("the database is at 0001" if pgbouncer == "false" else "the database has no revision applied") in line
+    assert "child" not in service.tables()
 
 
 # --- short lock waits, retried -------------------------------------------------------
