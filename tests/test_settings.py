@@ -249,6 +249,23 @@ def test_one_name_in_two_spellings_is_refused(settings_module, database, in_empt
 
 
 @pytest.mark.parametrize("database", SERVERS)
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        pytest.param("app_database_url", "APP_DATABASE_URL and app_database_url in .env", id="two-spellings"),
+        pytest.param("export APP_DATABASE_URL", "APP_DATABASE_URL twice in .env", id="twice"),
+    ],
+)
+def test_one_name_twice_in_dotenv_is_refused(settings_module, database, in_empty_dir, second, message) -> None:
+    """python-dotenv keeps the last line: which database that is should not depend on line order."""
+    (in_empty_dir / ".env").write_text(
+        f"APP_DATABASE_URL={database}://app@h/db\n{second}={database}://app@elsewhere/db\n"
+    )
+    with pytest.raises(settings_module.SettingsError, match=re.escape(f"{message}: keep one")):
+        settings_module.load_settings()
+
+
+@pytest.mark.parametrize("database", SERVERS)
 def test_password_never_in_repr_or_str(settings_module, database, in_empty_dir, monkeypatch) -> None:
     monkeypatch.setenv("APP_DATABASE_URL", f"{database}://app:{quote(SECRET, safe='')}@h/db")
     settings = settings_module.load_settings()
@@ -314,7 +331,7 @@ def test_url_with_unencoded_characters_is_refused_without_quoting_it(
     with pytest.raises(settings_module.SettingsError) as caught:
         settings_module.load_settings()
     message = str(caught.value)
-    assert "APP_DATABASE_URL cannot be right: percent-encode the user name and password" in message
+    assert "APP_DATABASE_URL cannot be right: check its host and port" in message and "percent-encode" in message
     for piece in ("Tr0ub", "dor", "w0rd", "us/er", "db.internal"):
         assert piece not in message
 
@@ -324,6 +341,10 @@ def test_url_with_unencoded_characters_is_refused_without_quoting_it(
     ("url", "message"),
     [
         pytest.param("{database}://u@h:0/db", "APP_DATABASE_URL: the port must be 1 to 65535", id="port-0"),
+        pytest.param("{database}://u@h:99999/db", "APP_DATABASE_URL: the port must be 1 to 65535", id="port-99999"),
+        # The server would choose one (PostgreSQL: the user's name), maybe one nobody meant.
+        pytest.param("{database}://u:p@h:5432", "APP_DATABASE_URL names no database", id="no-database"),
+        pytest.param("{database}://u:p@h/", "APP_DATABASE_URL names no database", id="empty-database"),
         pytest.param("{database}://u@h1,h2:5432/db", "APP_DATABASE_URL names several hosts", id="several-hosts"),
         pytest.param(
             "{database}://u@%2Fvar%2Frun/db", "a Unix socket directory goes in ?host=/path", id="libpq-socket"
@@ -369,7 +390,7 @@ def test_kubernetes_service_link_is_named(settings_module, database, in_empty_di
 
 
 @pytest.mark.parametrize("database", SERVERS)
-@pytest.mark.parametrize("host", ["app:pw@db", "db internal", "db/app", "#db"])
+@pytest.mark.parametrize("host", ["app:pw@db", "db internal", "db/app", "#db", "db:5433", "dead:beef"])
 def test_host_that_is_no_host_is_refused(settings_module, database, in_empty_dir, monkeypatch, host) -> None:
     for name, value in {"HOST": host, "USER": "u", "NAME": "n"}.items():
         monkeypatch.setenv(f"APP_DATABASE_{name}", value)

@@ -115,8 +115,8 @@ def _upgrade_on(connection: Connection, config: Config, revision: str) -> None:
 def settings_for(config: Config, *, offline: bool = False) -> DatabaseSettings:
     """The settings for this run; a connection handed in decides the URL.
 
-    Offline (`--sql`) only the kind of database matters: with no database set, a URL
-    that names none stands in.
+    Offline (`--sql`) only the kind of database matters: with no database set, a URL of
+    that kind stands in.
     """
     connectable = config.attributes.get("connection")
     overrides = {}
@@ -144,7 +144,7 @@ def settings_for(config: Config, *, offline: bool = False) -> DatabaseSettings:
         return _settings(**overrides)
     except CommandError as exc:
         if offline and isinstance(exc.__cause__, NoDatabaseSet):
-            return _settings(url=f"{ASYNC_DRIVER}://")
+            return _settings(url=f"{ASYNC_DRIVER}:///offline")
         raise
 
 
@@ -239,6 +239,8 @@ ROLLBACK_IN_SQL = re.compile(r"\s*(?:ROLLBACK|ABORT)\b(?!\s+TO\b)", re.IGNORECAS
 
 class RefusedStatement(Exception):
     """A statement in a revision that would leave it recorded as applied without its work."""
+
+
 # How a revision can end the one transaction of a run (PgBouncer mode, a caller's
 # transaction), and what that leaves behind.
 ENDED_BY_COMMIT = "a commit() of its own"
