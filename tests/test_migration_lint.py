@@ -9,6 +9,7 @@ squawk's advice may not apply, the real PostgreSQL server is asked whether that 
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,6 +232,20 @@ def verdicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Verdict]:
     project = render(tmp_path_factory.mktemp("lint"))
     write_history(project, {"0001_create_account.py": (None, CREATE_ACCOUNT, ""), **REVISIONS})
     return run_lint(project)
+
+
+def test_the_lint_reads_no_database_settings(tmp_path: Path) -> None:
+    """The README's set-up (.env made from .env.example: the database by its parts), a URL in
+    the environment and a secrets directory: none of it clashes with the lint's own URL."""
+    project = render(tmp_path)
+    write_history(project, {"0001_create_account.py": (None, CREATE_ACCOUNT, "")})
+    shutil.copy(project / ".env.example", project / ".env")
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "DATABASE_HOST").write_text("db.internal\n")
+    env = {"DATABASE_URL": "postgresql://app@elsewhere/app", "SECRETS_DIR": str(secrets)}
+    verdicts = rendered_pytest(project, LINT_TEST, env=env)
+    assert verdicts and all(verdict.outcome == "passed" for verdict in verdicts.values()), verdicts
 
 
 def test_every_revision_is_linted(verdicts: dict[str, Verdict]) -> None:

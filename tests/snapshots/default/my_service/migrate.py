@@ -115,8 +115,8 @@ def _upgrade_on(connection: Connection, config: Config, revision: str) -> None:
 def settings_for(config: Config, *, offline: bool = False) -> DatabaseSettings:
     """The settings for this run; a connection handed in decides the URL.
 
-    Offline (`--sql`) only the kind of database matters: with no database set, a URL
-    that names none stands in.
+    Offline (`--sql`) only the kind of database matters: with no database set, a URL of
+    that kind stands in.
     """
     connectable = config.attributes.get("connection")
     overrides = {}
@@ -144,7 +144,7 @@ def settings_for(config: Config, *, offline: bool = False) -> DatabaseSettings:
         return _settings(**overrides)
     except CommandError as exc:
         if offline and isinstance(exc.__cause__, NoDatabaseSet):
-            return _settings(url=f"{ASYNC_DRIVER}://")
+            return _settings(url=f"{ASYNC_DRIVER}:///offline")
         raise
 
 
@@ -233,6 +233,14 @@ async def _stopped_by_sigterm(coroutine: Coroutine[Any, Any, None]) -> None:
 
 # A target relative to where the database is: +2, -1, ae10+1, head-2, mybranch@-1.
 RELATIVE = re.compile(r"[+-]\d+$")
+# A statement that ends the transaction throwing its work away (not ROLLBACK TO SAVEPOINT).
+ROLLBACK_IN_SQL = re.compile(r"\s*(?:ROLLBACK|ABORT)\b(?!\s+TO\b)", re.IGNORECASE)
+
+
+class RefusedStatement(Exception):
+    """A statement in a revision that would leave it recorded as applied without its work."""
+
+
 # How a revision can end the one transaction of a run (PgBouncer mode, a caller's
 # transaction), and what that leaves behind.
 ENDED_BY_COMMIT = "a commit() of its own"
@@ -303,6 +311,11 @@ class Revisions:
         self.committed_work = False
         # Whether the step that runs rolled back a transaction of its own.
         self.rolled_back = False
+        # Whether a COMMIT in the step's SQL ended its transaction: each statement after it
+        # commits on its own.
+        self.autocommitting = False
+        # Whether Alembic recorded the step's version: the commit after that is Alembic's.
+        self._recorded = False
         self._statements = 0
         # In one transaction (`outer`): the revision that ended it while it ran, and how.
         self.ended: tuple[MigrationInfo, str] | None = None
@@ -355,6 +368,7 @@ class Revisions:
             self.running = step.info
             self.before_step(step.info)
             self.committed_work, self.rolled_back, self._statements = False, False, 0
+            self.autocommitting, self._recorded = False, False
             yield step
             # Alembic committed the step (or, in a transaction of the caller, let it be).
             self._settle(step.info)
@@ -375,6 +389,7 @@ class Revisions:
 
     def _applied(self, *, heads: set[str], **_: Any) -> None:
         self._applied_heads = tuple(sorted(heads))
+        self._recorded = True
 
     def _settle(self, info: MigrationInfo) -> None:
         if self.outer is not None:
@@ -398,6 +413,7 @@ class Revisions:
     @contextmanager
     def _watching_commits(self) -> Iterator[None]:
         listeners: dict[str, Callable[..., None]] = {
+            "before_cursor_execute": self._refuse_a_rollback_in_sql,
             "after_cursor_execute": self._executed,
             "commit": self._committed,
             "rollback": self._rolled_back,
@@ -410,19 +426,28 @@ class Revisions:
             for name, listener in listeners.items():
                 event.remove(self.connection, name, listener)
 
+    def _refuse_a_rollback_in_sql(self, connection: Connection, cursor: Any, statement: str, *_: Any) -> None:
+        """A ROLLBACK in a revision's SQL would throw its work away behind Alembic's back, which
+        would then record the revision as applied: refuse it before it runs."""
+        if self.running is not None and ROLLBACK_IN_SQL.match(statement):
+            raise RefusedStatement(
+                "a ROLLBACK in its SQL would throw away what it did while Alembic records it as applied;"
+                " raise an exception to make the revision fail instead"
+            )
+
     def _executed(self, connection: Connection, *_: Any) -> None:
         if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
             self.committed_work = self.committed_work or self.running is not None
             return
         self._statements += 1
         if self.running is not None and not self.server_in_transaction(connection):
-            # A COMMIT (or ROLLBACK) in the revision's SQL: every statement after it commits
-            # on its own, the version row included.
-            self.committed_work = True
+            # A COMMIT in the revision's SQL: every statement after it commits on its own,
+            # the version row included.
+            self.committed_work = self.autocommitting = True
             self._ending(ENDED_BY_SQL)
 
     def _committed(self, connection: Connection) -> None:
-        if self._statements and self.running is not None:
+        if self._statements and self.running is not None and not self._recorded:
             self.committed_work = True
         self._statements = 0
         self._ending(ENDED_BY_COMMIT)

@@ -146,7 +146,15 @@ class MigrationSession:
                 self._create_schema(revisions)
             self._run_with_retries(revisions)
             if self.own_transaction:
-                self.connection.commit()
+                try:
+                    self.connection.commit()
+                except DBAPIError as exc:
+                    # A deferred constraint, say: checked at COMMIT, after the last revision.
+                    outcome = self._outcome(revisions, [], [])
+                    raise CommandError(
+                        f"the run failed at its commit: {driver_message(exc)}; {outcome};"
+                        f" {revisions.position(revisions.start_heads)}"
+                    ) from exc
         finally:
             self._release(previous)
 
@@ -474,7 +482,12 @@ class MigrationSession:
             where = "PgBouncer mode" if self.settings.pgbouncer else "the caller's transaction"
             return f"the whole run rolled back (it runs in one transaction: {where})"
         outcome = AFTER_A_FAILED_REVISION
-        if revisions.committed_work:
+        if revisions.autocommitting:
+            outcome = (
+                "a COMMIT in its SQL had ended its transaction: what it did before that, and each"
+                " statement after it (committed on its own), stays"
+            )
+        elif revisions.committed_work:
             outcome = (
                 "it had made part of its work permanent (autocommit_block() or a commit() of its own),"
                 " which stays; the rest rolled back"

@@ -109,7 +109,8 @@ class DatabaseSettings(SettingsBase):
     def _host(cls, host: str | None) -> str | None:
         if host is not None and not (host.startswith("/") or HOST.fullmatch(host)):
             raise ValueError(
-                "expected a host name, an IP address or a socket directory (/var/run/postgresql)"
+                "expected a host name, an IP address or a socket directory (/var/run/postgresql);"
+                f" the port goes in {env_var('port')}"
             )
         return host
 

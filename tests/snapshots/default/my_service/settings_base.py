@@ -104,14 +104,23 @@ def readable(duration: timedelta) -> str:
 
 # What a host name or an IP address may hold; anything else in a URL's host is a piece of
 # something else (a password with an unencoded @, say) and must never reach a DNS lookup.
-HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%A-Za-z]*")
+HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9_.-]+)?")
+# The names a .env file sets, one per line (`export NAME=value` too).
+DOTENV_NAME = re.compile(r"^[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_.]*)[ \t]*=", re.MULTILINE)
 ENCODE = "python -c 'import urllib.parse,sys; print(urllib.parse.quote(sys.argv[1], safe=\"\"))' 'pa@ss'"
 
 
 def parse_url(
-    raw: str, backends: frozenset[str], driver: str, example: str, several_hosts: str = "name one host"
+    raw: str,
+    backends: frozenset[str],
+    driver: str,
+    example: str,
+    several_hosts: str = "name one host",
+    *,
+    needs_database: bool = True,
 ) -> URL:
-    """A DATABASE_URL value as `driver`'s URL; it must name one of `backends`."""
+    """A DATABASE_URL value as `driver`'s URL; it must name one of `backends`
+    (and, `needs_database`, a database)."""
     # Surrounding whitespace is no part of a URL (a secret written with `echo` ends in a newline).
     raw = raw.strip()
     try:
@@ -125,6 +134,8 @@ def parse_url(
         raise ValueError(
             f"{env_var('url')}: a Unix socket directory goes in ?host=/path, the host left empty"
         )
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError(f"{env_var('url')}: the port must be 1 to 65535")
     # A second parser, that reads URLs as the standards do: when the two disagree on the host
     # or the port, or the path holds an @, an @ / # or ? in the user name or password was not
     # percent-encoded, and a piece of it would be taken for the host (and looked up).
@@ -135,10 +146,12 @@ def parse_url(
         mangled = True
     if mangled or (parts.netloc and "@" in parts.path) or (url.host and not HOST.fullmatch(url.host)):
         raise ValueError(
-            f"{env_var('url')} cannot be right: percent-encode the user name and password ({ENCODE})"
+            f"{env_var('url')} cannot be right: check its host and port (1 to 65535), and percent-encode"
+            f" the user name and password ({ENCODE})"
         )
-    if url.port is not None and not 1 <= url.port <= 65535:
-        raise ValueError(f"{env_var('url')}: the port must be 1 to 65535")
+    if needs_database and not url.database:
+        # The server would pick one itself (PostgreSQL: the user's name): maybe one nobody meant.
+        raise ValueError(f"{env_var('url')} names no database: it ends in /<database name>, like {example}")
     if url.get_backend_name() not in backends:
         raise ValueError(f"{env_var('url')} must be a URL like {example}, not {url.drivername}://...")
     return url.set(drivername=driver)
@@ -252,7 +265,7 @@ def refuse_settings_of_another_database(settings: type[SettingsBase]) -> None:
     """Whoever set PostgreSQL's DATABASE_SCHEMA for MySQL expects it to act: say it would not."""
     given = {name.upper() for name in os.environ}
     if Path(".env").is_file():
-        given |= {name.upper() for name in DotEnvSettingsSource(settings).env_vars}
+        given |= {name.upper() for name in DOTENV_NAME.findall(Path(".env").read_text(encoding="utf-8"))}
     for field in settings.postgresql_only:
         if env_var(field).upper() in given:
             raise SettingsError(
@@ -262,16 +275,19 @@ def refuse_settings_of_another_database(settings: type[SettingsBase]) -> None:
 
 def refuse_names_in_two_cases(settings: type[BaseSettings], secrets: str | None) -> None:
     """Names are read in any case: two that differ only in case (DATABASE_URL and database_url)
-    would leave it to chance which one counts."""
+    would leave it to chance which one counts; in .env, so would one name set twice."""
     names = {env_var(field).lower() for field in settings.model_fields}
     places = {"the environment": list(os.environ)}
+    if Path(".env").is_file():
+        places[".env"] = DOTENV_NAME.findall(Path(".env").read_text(encoding="utf-8"))
     if secrets is not None:
         places[secrets] = [path.name for path in Path(secrets).iterdir()]
     for place, found in places.items():
         for name in names:
             spellings = sorted(entry for entry in found if entry.lower() == name)
             if len(spellings) > 1:
-                raise SettingsError(f"database settings: {' and '.join(spellings)} in {place}: keep one")
+                twice = f"{spellings[0]} twice" if len(set(spellings)) == 1 else " and ".join(spellings)
+                raise SettingsError(f"database settings: {twice} in {place}: keep one")
 
 
 def validation_message(exc: ValidationError) -> str:

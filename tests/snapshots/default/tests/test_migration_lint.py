@@ -18,6 +18,7 @@ write what the lint rejects.
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -37,8 +38,12 @@ from alembic.util import CommandError
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PYPROJECT = PROJECT_DIR / "pyproject.toml"
 SQUAWK_CONFIG = PROJECT_DIR / ".squawk.toml"
-# --sql builds the URL from the settings but never connects: any PostgreSQL URL will do.
-OFFLINE_ENV = {"DATABASE_URL": "postgresql://lint@localhost/lint"}
+# --sql builds the URL from the settings but never connects: any PostgreSQL URL will do. The
+# lint reads no other setting (a .env, the environment, secret files), so that the database
+# configured for this machine, in whichever form, neither clashes with it nor changes the SQL.
+OFFLINE_URL = "postgresql://lint@localhost/lint"
+SETTINGS_PREFIX = "DATABASE_"
+SECRETS_DIR = "SECRETS_DIR"
 IGNORE = re.compile(r"^\s*#\s*squawk-ignore\s+(?P<rules>[^:]+?)\s*(?::\s*(?P<reason>.*?))?\s*$")
 SKIP = re.compile(r"^\s*#\s*squawk-skip\b\s*:?\s*(?P<reason>.*?)\s*$")
 # An --sql script, as Alembic writes it: each revision's step starts with a comment and ends
@@ -394,11 +399,14 @@ class Lint:
 def lint() -> Lint:
     """Every linted revision's markers, SQL and squawk's findings."""
     found = {revision.revision: markers(revision) for revision in HISTORY.linted}
-    with pytest.MonkeyPatch.context() as patch:
-        # As `alembic` would run here: .env is read from the current directory.
-        patch.chdir(PROJECT_DIR)
-        for name, value in OFFLINE_ENV.items():
-            patch.setenv(name, value)
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as nothing:
+        # No .env in the current directory, no secret files, no settings in the environment.
+        patch.chdir(nothing)
+        for name in list(os.environ):
+            if name.upper().startswith(SETTINGS_PREFIX.upper()) or name.upper() == SECRETS_DIR.upper():
+                patch.delenv(name)
+        patch.setenv(SECRETS_DIR, nothing)
+        patch.setenv(SETTINGS_PREFIX + "URL", OFFLINE_URL)
         written = write([revision for revision in HISTORY.linted if found[revision.revision].skip is None])
     findings = squawk(written.sql) if written.sql else {}
     return Lint(found, written, findings, index_tables(written.sql.values()))
