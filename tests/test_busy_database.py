@@ -9,7 +9,9 @@ concurrency and cancellation. README.md ("In production") promises what these ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -358,6 +360,21 @@ def test_a_relative_target_is_not_taken_again_after_waiting_for_the_lock(service
     assert service.version() == [("0002",)] and "t0002" in service.tables()
 
 
+def test_a_relative_target_on_an_empty_database_is_not_taken_again(service: Service, tmp_path: Path) -> None:
+    """Two `upgrade +1` on a database without revisions: one applies 0001, the other does not apply 0002."""
+    service.add_revision("0002", "0001", 'op.create_table("t0002", sa.Column("id", sa.Integer))')
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    with service.server.holding(service.url.database, f"SELECT pg_advisory_lock({service.lock_key})"):
+        runs = [service.start("upgrade", "+1", log=log) for log in logs]
+        wait_for(lambda: all("waiting for the migration lock" in log.read_text() for log in logs), "both to wait")
+    for run in runs:
+        run.wait(timeout=60)
+    outputs = sorted((log.read_text() for log in logs), key=lambda output: "FAILED" in output)
+    assert [run.returncode == 0 for run in runs].count(True) == 1, outputs
+    assert "another migration moved the database from base to 0001 while this one waited" in outputs[1]
+    assert service.version() == [("0001",)] and "t0002" not in service.tables()
+
+
 # --- the migration lock cannot deadlock ---------------------------------------------
 
 
@@ -692,6 +709,42 @@ def test_pgbouncer_mode_retries_the_whole_run(service: Service, tmp_path: Path) 
     assert "the database is at 0003_more" in line
 
 
+def test_one_transaction_retries_are_bounded_by_one_budget(service: Service) -> None:
+    """In one transaction every attempt runs the whole run again: revisions blocked in turn
+    (a report that reads one table, then the other) must not reset the budget."""
+    service.add_revision("0002_other", "0001", 'op.create_table("other", sa.Column("id", sa.Integer))')
+    assert service.alembic("upgrade", "head").returncode == 0
+    add_colour(service, "0003_colour", "0002_other")
+    service.add_revision("0004_other", "0003_colour", 'op.add_column("other", sa.Column("x", sa.Integer))')
+    stop = threading.Event()
+
+    def report_in_turns() -> None:
+        """Always one of the two tables read: the next read begins before the last one ends."""
+        last = contextlib.ExitStack()
+        while not stop.is_set():
+            for table in ("other", "thing"):
+                holding = contextlib.ExitStack()
+                holding.enter_context(service.server.holding(service.url.database, f"SELECT * FROM {table}"))
+                last.close()
+                last = holding
+                stop.wait(0.9)
+        last.close()
+
+    reader = threading.Thread(target=report_in_turns, daemon=True)
+    reader.start()
+    try:
+        # Without a bound the run would retry until the subprocess times out.
+        result = service.alembic(
+            "upgrade", "head", DATABASE_PGBOUNCER="true", DATABASE_LOCK_RETRY_BUDGET="3s", timeout=60, **QUICK
+        )
+    finally:
+        stop.set()
+        reader.join(10)
+    line = failed_line(result)
+    assert "DATABASE_LOCK_RETRY_BUDGET is 3s" in line and "the whole run rolled back" in line
+    assert service.version() == [("0002_other",)]
+
+
 @pytest.mark.parametrize(
     ("ending", "line_says", "version", "made"),
     [
@@ -742,6 +795,25 @@ def test_concurrent_upgrade_async_calls_take_turns(service: Service, monkeypatch
 
         asyncio.run(three_at_once())
     assert service.version() == [("0002_colour",)]
+
+
+def test_upgrade_leaves_the_applications_sigterm_handler_alone(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """upgrade() from sync code stops on SIGTERM while it runs, then hands SIGTERM back to the app."""
+    monkeypatch.setenv("DATABASE_URL", url_string(service.url))
+
+    def graceful_shutdown(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, graceful_shutdown)
+    try:
+        with service.project.activated():
+            service.project.module("migrate").upgrade()
+        assert signal.getsignal(signal.SIGTERM) is graceful_shutdown
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert service.version() == [("0001",)]
 
 
 def test_cancelling_upgrade_async_cancels_the_migration(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -218,6 +218,8 @@ STOPPED = (
 async def _stopped_by_sigterm(coroutine: Coroutine[Any, Any, None]) -> None:
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
     stopped = []
+    # An application's own handler (a graceful shutdown) comes back afterwards.
+    previous = signal.getsignal(signal.SIGTERM)
     loop.add_signal_handler(signal.SIGTERM, lambda: stopped.append(task.cancel()))
     try:
         await coroutine
@@ -227,6 +229,8 @@ async def _stopped_by_sigterm(coroutine: Coroutine[Any, Any, None]) -> None:
         raise CommandError(f"stopped by SIGTERM: {STOPPED}") from None
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # --- running the revisions ------------------------------------------------------------

@@ -141,7 +141,9 @@ class MigrationSession:
             changes = not self.context.get_context().opts.get("dont_mutate")
             self._check_schema()
             if changes and not self._version_table_exists():
-                # Alembic creates it before the first revision: only one replica may.
+                # Alembic creates it before the first revision: only one replica may. A relative
+                # target (+1) counts from no revision, even if another replica migrates meanwhile.
+                revisions.planned_from = ()
                 self._take_lock()
                 self._create_schema(revisions)
             self._run_with_retries(revisions)
@@ -391,7 +393,9 @@ class MigrationSession:
             # The savepoint rolled back everything this run did.
             revisions.restart()
         revision, attempt, started = self.retrying
-        if revision != failed.up_revision_id:
+        # The budget is a revision's; in one transaction, where every attempt runs the whole
+        # run again, it is the run's (or revisions blocked in turn would retry for ever).
+        if revision is None or (revision != failed.up_revision_id and not self.one_transaction):
             revision, attempt, started = failed.up_revision_id, 1, time.monotonic()
         code = sqlstate(exc) if isinstance(exc, DBAPIError) else None
         retry = code in LOCK_WAIT_FAILURES and not revisions.committed_work
