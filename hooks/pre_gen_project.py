@@ -45,6 +45,7 @@ OWN = {
     "tests": "the tests directory",
     "conftest": "the module pytest makes of tests/conftest.py",
     "pip": "pip, which the README and CI run as `python -m pip` in the project directory",
+    "cookiecutter": "the name of the template's variables, which the post-gen check looks for in every file",
 }
 # Environment variables the rendered tests read (tests/conftest.py): an app variable of the same
 # name would point the tests, which migrate down to base, at the app's database.

@@ -259,8 +259,12 @@ def test_the_shadowed_names_include_what_the_issue_names(shadowed_names: dict[st
 def test_package_names_that_shadow_what_the_project_installs_are_refused(
     tmp_path: Path, capfd, shadowed_names: dict[str, str]
 ) -> None:
-    # Not installed, as fatal: the project's own layout, the pip its README runs, Python's own.
-    own = {"conftest": "pytest", "tests": "layout", "migrations": "layout", "pip": "README", "__main__": "Python"}
+    # Not installed, as fatal: the project's own layout, the pip its README runs, Python's own,
+    # and the name of the template's variables (the post-gen check would take imports of it for leftovers).
+    own = {
+        **{"conftest": "pytest", "tests": "layout", "migrations": "layout", "pip": "README", "__main__": "Python"},
+        "cookiecutter": "the post-gen check",
+    }
     names = {**shadowed_names, **own}
     accepted = {}
     for name, owner in sorted(names.items()):

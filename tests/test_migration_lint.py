@@ -506,6 +506,37 @@ def test_drop_table_takes_the_lock_that_drop_index_takes(postgres: Server) -> No
     }
 
 
+READS_ROWS = 'op.get_bind().execute(sa.text("SELECT id FROM account")).fetchall()'
+SKIPPED = "# squawk-skip: reads rows"
+
+
+@pytest.mark.parametrize("merge_skipped", [False, True], ids=["merge-linted", "merge-skipped"])
+def test_merge_of_branches_with_skipped_revisions(tmp_path: Path, merge_skipped: bool) -> None:
+    """Alembic writes a merge's SQL from one parent, the other branch along with it: a revision
+    left out there cannot be written, so the merge says it must be left out too."""
+    project = render(tmp_path)
+    write_history(
+        project,
+        {
+            "0001_create_account.py": (None, CREATE_ACCOUNT, ""),
+            "0002_reads_rows.py": ("0001", READS_ROWS, SKIPPED),
+            "0003_reads_rows.py": ("0001", READS_ROWS, SKIPPED),
+            "0004_merge.py": (
+                ("0002", "0003"),
+                "pass",
+                SKIPPED + ", merges two data migrations" if merge_skipped else "",
+            ),
+        },
+    )
+    verdicts = run_lint(project)
+    if merge_skipped:
+        assert verdicts["0004_merge.py"].outcome == "skipped"
+        assert all(verdict.outcome in ("passed", "skipped") for verdict in verdicts.values()), verdicts
+    else:
+        message = verdicts["0004_merge.py"].message
+        assert "that revision is left out of the lint, and so must this merge be: # squawk-skip" in message
+
+
 # A baseline: revisions up to it are neither linted nor written.
 # Each revision leaves a trace when Alembic runs its upgrade(), to write its SQL.
 

@@ -273,8 +273,14 @@ def cannot_write(revision: Script, error: Exception, culprit: str | None) -> str
     reason = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
     if culprit and culprit != revision.revision:
         # A merge's SQL starts from one parent: the other branch is written along with it.
-        culprit_path = Path(HISTORY.script.get_revision(culprit).path)
-        reason += f", raised by {relative(culprit_path)}, which --sql writes along with it"
+        culprit_script = HISTORY.script.get_revision(culprit)
+        reason += f", raised by {relative(Path(culprit_script.path))}, which --sql writes along with it"
+        if markers(culprit_script).skip is not None:
+            # Left out itself, it cannot be left out of a range that Alembic writes in one go.
+            return (
+                f"{relative(Path(revision.path))}: alembic cannot write its SQL without a database ({reason});"
+                " that revision is left out of the lint, and so must this merge be: # squawk-skip: <reason>"
+            )
     return (
         f"{relative(Path(revision.path))}: alembic cannot write its SQL without a database ({reason});"
         " if it must read rows or commit on its own, leave it out of the lint with a comment line"
