@@ -797,6 +797,7 @@ def test_concurrent_upgrade_async_calls_take_turns(service: Service, monkeypatch
     assert service.version() == [("0002_colour",)]
 
 
+@pytest.mark.same_on_stock("the stock env.py installs no SIGTERM handler of its own")
 def test_upgrade_leaves_the_applications_sigterm_handler_alone(
     service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -278,8 +278,9 @@ def cannot_write(revision: Script, error: Exception, culprit: str | None) -> str
         if markers(culprit_script).skip is not None:
             # Left out itself, it cannot be left out of a range that Alembic writes in one go.
             return (
-                f"{relative(Path(revision.path))}: alembic cannot write its SQL without a database ({reason});"
-                " that revision is left out of the lint, and so must this merge be: # squawk-skip: <reason>"
+                f"{relative(Path(revision.path))}: alembic cannot write its SQL without a database"
+                f" ({reason}); that revision is left out of the lint, and so must this merge be:"
+                " # squawk-skip: <reason>"
             )
     return (
         f"{relative(Path(revision.path))}: alembic cannot write its SQL without a database ({reason});"
