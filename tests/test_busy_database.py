@@ -339,6 +339,20 @@ def test_a_retry_does_not_overshoot_a_relative_target(
     assert service.version() == [(expected,)]
 
 
+def two_at_once(service: Service, tmp_path: Path, *command: str) -> list[str]:
+    """Two `alembic COMMAND` that both wait for the migration lock, then take turns: their
+    outputs, the one that succeeded first (the other must have failed)."""
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    with service.server.holding(service.url.database, f"SELECT pg_advisory_lock({service.lock_key})"):
+        runs = [service.start(*command, log=log) for log in logs]
+        wait_for(lambda: all("waiting for the migration lock" in log.read_text() for log in logs), "both to wait")
+    for run in runs:
+        run.wait(timeout=60)
+    outputs = sorted((log.read_text() for log in logs), key=lambda output: "FAILED" in output)
+    assert [run.returncode == 0 for run in runs].count(True) == 1, outputs
+    return outputs
+
+
 def test_a_relative_target_is_not_taken_again_after_waiting_for_the_lock(service: Service, tmp_path: Path) -> None:
     """Two `downgrade -1` at once: one undoes the last revision; the other, having waited, does
     not undo one more (that would drop another revision's tables)."""
@@ -346,14 +360,7 @@ def test_a_relative_target_is_not_taken_again_after_waiting_for_the_lock(service
         service.add_revision(revision, down, f'op.create_table("t{revision}", sa.Column("id", sa.Integer))',
                              downgrade=f'op.drop_table("t{revision}")')  # fmt: skip
     assert service.alembic("upgrade", "head").returncode == 0
-    logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    with service.server.holding(service.url.database, f"SELECT pg_advisory_lock({service.lock_key})"):
-        runs = [service.start("downgrade", "-1", log=log) for log in logs]
-        wait_for(lambda: all("waiting for the migration lock" in log.read_text() for log in logs), "both to wait")
-    for run in runs:
-        run.wait(timeout=60)
-    outputs = sorted((log.read_text() for log in logs), key=lambda output: "FAILED" in output)
-    assert [run.returncode == 0 for run in runs].count(True) == 1, outputs
+    outputs = two_at_once(service, tmp_path, "downgrade", "-1")
     assert "Running downgrade 0003 -> 0002" in outputs[0]
     assert "another migration moved the database from 0003 to 0002 while this one waited" in outputs[1]
     assert "-1 from there would be another revision, so nothing was done" in outputs[1]
@@ -363,14 +370,7 @@ def test_a_relative_target_is_not_taken_again_after_waiting_for_the_lock(service
 def test_a_relative_target_on_an_empty_database_is_not_taken_again(service: Service, tmp_path: Path) -> None:
     """Two `upgrade +1` on a database without revisions: one applies 0001, the other does not apply 0002."""
     service.add_revision("0002", "0001", 'op.create_table("t0002", sa.Column("id", sa.Integer))')
-    logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    with service.server.holding(service.url.database, f"SELECT pg_advisory_lock({service.lock_key})"):
-        runs = [service.start("upgrade", "+1", log=log) for log in logs]
-        wait_for(lambda: all("waiting for the migration lock" in log.read_text() for log in logs), "both to wait")
-    for run in runs:
-        run.wait(timeout=60)
-    outputs = sorted((log.read_text() for log in logs), key=lambda output: "FAILED" in output)
-    assert [run.returncode == 0 for run in runs].count(True) == 1, outputs
+    outputs = two_at_once(service, tmp_path, "upgrade", "+1")
     assert "another migration moved the database from base to 0001 while this one waited" in outputs[1]
     assert service.version() == [("0001",)] and "t0002" not in service.tables()
 
