@@ -16,7 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_engine_from_config
 from {{ cookiecutter.package_name }} import migrate
 from {{ cookiecutter.package_name }}.database import connect_args
 {% if cookiecutter.database == "postgresql" %}
-from {{ cookiecutter.package_name }}.migration_session import MigrationSession, offline_sql, schema_options
+from {{ cookiecutter.package_name }}.migration_session import (
+    MigrationSession,
+    offline_sql,
+    schema_options,
+)
 {% endif %}
 from {{ cookiecutter.package_name }}.models import Base
 

@@ -1,10 +1,10 @@
 """Is the database at the head revision? For an application's startup and health checks.
 
-    from {{ cookiecutter.package_name }}.readiness import migration_status, migration_status_async
+    from {{ cookiecutter.package_name }} import readiness
 
-    status = migration_status()  # from sync code, also inside a running event loop
-    status = await migration_status_async()  # from async code
-    status = await migration_status_async(connection=conn)  # on an AsyncConnection you hold
+    status = readiness.migration_status()  # from sync code, also inside a running event loop
+    status = await readiness.migration_status_async()  # from async code
+    status = await readiness.migration_status_async(connection=conn)  # on an AsyncConnection you hold
     if not status.at_head:
         log.warning("database not ready: %s", status)  # one line: what is pending, or why it cannot tell
 

@@ -15,7 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_engine_from_config
 
 from my_service import migrate
 from my_service.database import connect_args
-from my_service.migration_session import MigrationSession, offline_sql, schema_options
+from my_service.migration_session import (
+    MigrationSession,
+    offline_sql,
+    schema_options,
+)
 from my_service.models import Base
 
 config = context.config

@@ -574,7 +574,8 @@ def migration_lock_key(settings: DatabaseSettings) -> int:
     """The advisory lock key of migrations into the configured schema (or into the search_path)."""
     if settings.schema_name is None:
         return MIGRATION_LOCK_KEY
-    return zlib.crc32(f"my_service:alembic:{settings.schema_name}".encode())
+    key = f"my_service:alembic:{settings.schema_name}"
+    return zlib.crc32(key.encode())
 
 
 def schema_options(settings: DatabaseSettings) -> dict[str, Any]:
