@@ -826,8 +826,11 @@ def test_cancelling_upgrade_async_cancels_the_migration(service: Service, monkey
         async def startup_cancelled() -> None:
             task = asyncio.create_task(migrate.upgrade_async())
             sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
-            while await asyncio.to_thread(service.query, sleeping) != [(1,)]:
+            for _ in range(600):  # 30 s at most; a migration that failed at once ends the wait
+                if task.done() or await asyncio.to_thread(service.query, sleeping) == [(1,)]:
+                    break
                 await asyncio.sleep(0.05)
+            assert not task.done(), "the migration ended before it reached pg_sleep"
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
