@@ -108,3 +108,28 @@ def test_sqlite_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
     assert failed_line(result) == (
         f"FAILED: cannot open SQLite database {missing_dir}: unable to open database file; check DATABASE_URL"
     )
+
+
+@pytest.mark.parametrize("database", ["mysql", "sqlite"])
+@pytest.mark.parametrize(
+    "commit", ['op.execute("COMMIT")', 'op.execute("/* done */ COMMIT")', "op.get_bind().commit()"]
+)
+def test_failing_revision_that_committed_says_what_stays(tmp_path: Path, request, database: str, commit: str) -> None:
+    """Rows written before a commit of the revision's own stay after it fails: FAILED: says so."""
+    server: Server | SQLiteFiles = request.getfixturevalue("mysql") if database == "mysql" else SQLiteFiles(tmp_path)
+    project = make_project(tmp_path / "render", database=database)
+    project.add_thing()
+    url = server.create_database()
+    project.add_revision(
+        "0002",
+        "0001",
+        f"""
+        op.execute("INSERT INTO thing (id, name) VALUES (1, 'before the commit')")
+        {commit}
+        op.execute("SELECT no_such_column FROM thing")
+        """,
+        file_name="0002_commits.py",
+    )
+    failed = failed_line(project.cli("upgrade", "head", env={"DATABASE_URL": url_string(url)}))
+    assert "0002_commits.py failed" in failed and "it had made part of its work permanent" in failed
+    assert server.execute("SELECT name FROM thing", database=url.database) == [("before the commit",)]

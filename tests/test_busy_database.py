@@ -131,6 +131,11 @@ TRANSACTION_ENDINGS = {
     "commit-then-begin": ("0003_middle", f"{EARLY}\nop.get_bind().commit()\nop.get_bind().begin()\n{LATE}"),
     "commit-at-the-end-of-the-last-revision": ("0004_last", f"{EARLY}\n{LATE}\nop.get_bind().commit()"),
     "sql-commit": ("0003_middle", f'{EARLY}\nop.execute("COMMIT")\n{LATE}'),
+    # Not an ending: a ROLLBACK to a savepoint keeps the transaction.
+    "savepoint": (
+        "0003_middle",
+        f'{EARLY}\nop.execute("SAVEPOINT s")\nop.execute("ROLLBACK WORK TO SAVEPOINT s")\n{LATE}',
+    ),
     # Fails on a direct connection (what it did is gone: it cannot be recorded as applied).
     "rollback": ("0003_middle", f"{EARLY}\nop.get_bind().rollback()\n{LATE}"),
 }
@@ -157,7 +162,7 @@ STOCK_TOO = pytest.mark.same_on_stock("each statement after a COMMIT in SQL comm
 @pytest.mark.parametrize(
     "ending",
     [
-        pytest.param(ending, marks=[STOCK_TOO] if ending == "sql-commit" else [])
+        pytest.param(ending, marks=[STOCK_TOO] if ending in ("sql-commit", "savepoint") else [])
         for ending in TRANSACTION_ENDINGS
         if ending != "rollback"
     ],
@@ -190,6 +195,11 @@ SQL_COMMITTED = "a COMMIT in its SQL had ended its transaction: what it did befo
         # Refused before it runs: Alembic would record the revision without what it threw away.
         pytest.param(
             f'{EARLY}\nop.execute("ROLLBACK")\n{LATE}', "a ROLLBACK in its SQL would throw away", id="sql-rollback"
+        ),
+        pytest.param(
+            f'{EARLY}\nop.execute("/* undo */ rollback work")\n{LATE}',
+            "a ROLLBACK in its SQL would throw away",
+            id="sql-rollback-after-a-comment",
         ),
         # Alembic's transaction is open: SQLAlchemy refuses a second one.
         pytest.param(f"{EARLY}\nop.get_bind().begin()", "InvalidRequestError", id="begin"),

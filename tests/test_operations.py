@@ -445,7 +445,7 @@ def test_a_schema_the_role_may_not_use_is_one_line_naming_the_variable(service: 
 def test_a_downgrade_does_not_create_a_missing_schema(service: Service, target: str) -> None:
     """A misspelt tenant: nothing to undo there, said so, and no empty schema left behind."""
     line = failed_line(service.alembic("downgrade", target, DATABASE_SCHEMA="tenant_typo"))
-    assert "the schema tenant_typo (DATABASE_SCHEMA) does not exist: nothing to undo there" in line
+    assert "the schema tenant_typo (DATABASE_SCHEMA) does not exist (a typo?): only a command that applies" in line
     assert service.query("SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_typo'") == [(0,)]
 
 

@@ -494,7 +494,7 @@ def test_names_lose_surrounding_whitespace(
 
 @pytest.mark.parametrize("database", ["mysql", "sqlite"])
 @pytest.mark.parametrize("variable", ["SCHEMA", "MIGRATION_ROLE"])
-@pytest.mark.parametrize("place", ["environment", ".env"])
+@pytest.mark.parametrize("place", ["environment", ".env", "secrets"])
 def test_postgresqls_settings_are_refused_elsewhere(
     settings_module, database, in_empty_dir, monkeypatch, variable, place
 ) -> None:
@@ -502,8 +502,13 @@ def test_postgresqls_settings_are_refused_elsewhere(
     monkeypatch.setenv("APP_DATABASE_URL", f"{database}://u:p@h/db" if database == "mysql" else "sqlite:///x.db")
     if place == "environment":
         monkeypatch.setenv(f"APP_DATABASE_{variable}", "tenant_a")
-    else:
+    elif place == ".env":
         (in_empty_dir / ".env").write_text(f"app_database_{variable.lower()}=tenant_a\n")
+    else:
+        secrets = in_empty_dir / "secrets"
+        secrets.mkdir()
+        (secrets / f"APP_DATABASE_{variable}").write_text("tenant_a\n")
+        monkeypatch.setenv("APP_SECRETS_DIR", str(secrets))
     with pytest.raises(
         settings_module.SettingsError, match=f"APP_DATABASE_{variable} is PostgreSQL's and would have no effect here"
     ):

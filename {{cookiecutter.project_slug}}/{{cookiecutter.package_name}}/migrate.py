@@ -237,8 +237,18 @@ async def _stopped_by_sigterm(coroutine: Coroutine[Any, Any, None]) -> None:
 
 # A target relative to where the database is: +2, -1, ae10+1, head-2, mybranch@-1.
 RELATIVE = re.compile(r"[+-]\d+$")
-# A statement that ends the transaction throwing its work away (not ROLLBACK TO SAVEPOINT).
-ROLLBACK_IN_SQL = re.compile(r"\s*(?:ROLLBACK|ABORT)\b(?!\s+TO\b)", re.IGNORECASE)
+# What may come before a statement's first word: whitespace and comments.
+LEADING = r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
+# Not ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] x, which keeps the transaction.
+NOT_TO_A_SAVEPOINT = r"\b(?!\s+(?:(?:WORK|TRANSACTION)\s+)?TO\b)"
+# A statement that ends the transaction throwing its work away.
+ROLLBACK_IN_SQL = re.compile(LEADING + r"(?:ROLLBACK|ABORT)" + NOT_TO_A_SAVEPOINT, re.IGNORECASE | re.DOTALL)
+# A statement that commits the transaction (PostgreSQL's END too).
+COMMIT_IN_SQL = re.compile(LEADING + r"(?:COMMIT|END)\b", re.IGNORECASE | re.DOTALL)
+# A failed revision that had made part of its work permanent: that part stays.
+MADE_PERMANENT = (
+    "it had made part of its work permanent (a commit() of its own or a COMMIT in its SQL), which stays"
+)
 
 
 class RefusedStatement(Exception):
@@ -433,11 +443,16 @@ class Revisions:
     def _refuse_a_rollback_in_sql(self, connection: Connection, cursor: Any, statement: str, *_: Any) -> None:
         """A ROLLBACK in a revision's SQL would throw its work away behind Alembic's back, which
         would then record the revision as applied: refuse it before it runs."""
-        if self.running is not None and ROLLBACK_IN_SQL.match(statement):
+        if self.running is None:
+            return
+        if ROLLBACK_IN_SQL.match(statement):
             raise RefusedStatement(
                 "a ROLLBACK in its SQL would throw away what it did while Alembic records it as applied;"
                 " raise an exception to make the revision fail instead"
             )
+        if COMMIT_IN_SQL.match(statement):
+            # What ran before it stays, on every database (PostgreSQL also tells by its state).
+            self.committed_work = True
 
     def _executed(self, connection: Connection, *_: Any) -> None:
         if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
@@ -498,8 +513,13 @@ class Revisions:
         goes on as it is."""
         return not isinstance(exc, CommandError) and (self.running is not None or isinstance(exc, DBAPIError))
 
-    def failure(self, exc: BaseException, outcome: str = AFTER_A_FAILED_REVISION) -> CommandError:
-        """The CommandError (one FAILED: line) for `exc`, raised while a revision ran."""
+    def failure(self, exc: BaseException, outcome: str | None = None) -> CommandError:
+        """The CommandError (one FAILED: line) for `exc`, raised while a revision ran; `outcome`
+        says what it leaves behind (by default: the revision rolled back, but what it committed)."""
+        if outcome is None:
+            outcome = AFTER_A_FAILED_REVISION
+            if self.committed_work:
+                outcome = f"{MADE_PERMANENT}; {outcome}"
         if self.ended is not None:
             # What failed then is a consequence: the revision went on outside the run's transaction.
             return self._transaction_ended()

@@ -184,7 +184,7 @@ class SettingsBase(BaseSettings):
         """
         secrets = secrets_dir()
         check_files(cls, secrets)
-        refuse_settings_of_another_database(cls)
+        refuse_settings_of_another_database(cls, secrets)
         if overrides.keys() & set(cls.names_the_database):
             if "password" in cls.model_fields:
                 overrides.setdefault("password", None)
@@ -261,11 +261,13 @@ def check_one_place(settings: type[SettingsBase], secrets: str | None) -> None:
         )
 
 
-def refuse_settings_of_another_database(settings: type[SettingsBase]) -> None:
+def refuse_settings_of_another_database(settings: type[SettingsBase], secrets: str | None) -> None:
     """Whoever set PostgreSQL's DATABASE_SCHEMA for MySQL expects it to act: say it would not."""
     given = {name.upper() for name in os.environ}
     if Path(".env").is_file():
         given |= {name.upper() for name in DOTENV_NAME.findall(Path(".env").read_text(encoding="utf-8"))}
+    if secrets is not None:
+        given |= {path.name.upper() for path in Path(secrets).iterdir()}
     for field in settings.postgresql_only:
         if env_var(field).upper() in given:
             raise SettingsError(

@@ -254,8 +254,8 @@ class MigrationSession:
         self._end_setup_transaction()
         if not revisions.applies_any():
             raise CommandError(
-                f"the schema {schema} ({env_var('schema')}) does not exist: nothing to undo there (a typo?);"
-                " only a command that applies revisions creates it"
+                f"the schema {schema} ({env_var('schema')}) does not exist (a typo?): only a command that"
+                " applies revisions creates it, and this one applies none"
             )
         try:
             # As the migration role, which owns it then. Not CREATE SCHEMA IF NOT EXISTS on
