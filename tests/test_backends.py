@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from alembic import command
+from sqlalchemy.engine import URL
 
-from rendering import THING_MODEL, failed_line, make_project
+from rendering import THING_MODEL, Project, failed_line, make_project
 from servers import Server, SQLiteFiles, url_string
 
 
@@ -76,14 +77,21 @@ def test_sqlite_autogenerate_alters_columns_in_batch(tmp_path: Path, monkeypatch
         command.downgrade(config, "base")
 
 
+def project_with_thing(
+    request: pytest.FixtureRequest, tmp_path: Path, database: str
+) -> tuple[Project, Server | SQLiteFiles, URL]:
+    """A MySQL or SQLite render with table "thing" (revision 0001), its server and a new database."""
+    server: Server | SQLiteFiles = request.getfixturevalue("mysql") if database == "mysql" else SQLiteFiles(tmp_path)
+    project = make_project(tmp_path / "render", database=database)
+    project.add_thing()
+    return project, server, server.create_database()
+
+
 @pytest.mark.parametrize("database", ["mysql", "sqlite"])
 def test_failing_revision_keeps_earlier_ddl_and_says_so(tmp_path: Path, request, database: str) -> None:
     """MySQL commits DDL implicitly, Alembic runs SQLite's outside a transaction: what ran
     before the failure stays, and FAILED: says so instead of promising a rollback."""
-    server: Server | SQLiteFiles = request.getfixturevalue("mysql") if database == "mysql" else SQLiteFiles(tmp_path)
-    project = make_project(tmp_path / "render", database=database)
-    project.add_thing()
-    url = server.create_database()
+    project, server, url = project_with_thing(request, tmp_path, database)
     project.add_revision(
         "0002",
         "0001",
@@ -116,10 +124,7 @@ def test_sqlite_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
 )
 def test_failing_revision_that_committed_says_what_stays(tmp_path: Path, request, database: str, commit: str) -> None:
     """Rows written before a commit of the revision's own stay after it fails: FAILED: says so."""
-    server: Server | SQLiteFiles = request.getfixturevalue("mysql") if database == "mysql" else SQLiteFiles(tmp_path)
-    project = make_project(tmp_path / "render", database=database)
-    project.add_thing()
-    url = server.create_database()
+    project, server, url = project_with_thing(request, tmp_path, database)
     project.add_revision(
         "0002",
         "0001",

@@ -184,11 +184,13 @@ class SettingsBase(BaseSettings):
         """
         secrets = secrets_dir()
         check_files(cls, secrets)
-        refuse_settings_of_another_database(cls, secrets)
+        given = names_given(secrets)
+        refuse_settings_of_another_database(cls, given)
         if overrides.keys() & set(cls.names_the_database):
             if "password" in cls.model_fields:
                 overrides.setdefault("password", None)
         else:
+            refuse_names_in_two_cases(cls, given)
             check_one_place(cls, secrets)
         try:
             return cls(_secrets_dir=secrets, **overrides)
@@ -229,7 +231,6 @@ def check_files(settings: type[BaseSettings], secrets: str | None) -> None:
 
 def check_one_place(settings: type[SettingsBase], secrets: str | None) -> None:
     """Refuse a database named by variables from different places, or by a URL and its parts."""
-    refuse_names_in_two_cases(settings, secrets)
     sources = {"the environment": EnvSettingsSource(settings), ".env": DotEnvSettingsSource(settings)}
     if secrets is not None:
         sources[secrets] = SecretsSettingsSource(settings, secrets_dir=secrets)
@@ -261,30 +262,31 @@ def check_one_place(settings: type[SettingsBase], secrets: str | None) -> None:
         )
 
 
-def refuse_settings_of_another_database(settings: type[SettingsBase], secrets: str | None) -> None:
-    """Whoever set PostgreSQL's DATABASE_SCHEMA for MySQL expects it to act: say it would not."""
-    given = {name.upper() for name in os.environ}
-    if Path(".env").is_file():
-        given |= {name.upper() for name in DOTENV_NAME.findall(Path(".env").read_text(encoding="utf-8"))}
-    if secrets is not None:
-        given |= {path.name.upper() for path in Path(secrets).iterdir()}
-    for field in settings.postgresql_only:
-        if env_var(field).upper() in given:
-            raise SettingsError(
-                f"database settings: {env_var(field)} is PostgreSQL's and would have no effect here: unset it"
-            )
-
-
-def refuse_names_in_two_cases(settings: type[BaseSettings], secrets: str | None) -> None:
-    """Names are read in any case: two that differ only in case (DATABASE_URL and database_url)
-    would leave it to chance which one counts; in .env, so would one name set twice."""
-    names = {env_var(field).lower() for field in settings.model_fields}
+def names_given(secrets: str | None) -> dict[str, list[str]]:
+    """The variable names each place sets, as written there: {place: names}."""
     places = {"the environment": list(os.environ)}
     if Path(".env").is_file():
         places[".env"] = DOTENV_NAME.findall(Path(".env").read_text(encoding="utf-8"))
     if secrets is not None:
         places[secrets] = [path.name for path in Path(secrets).iterdir()]
-    for place, found in places.items():
+    return places
+
+
+def refuse_settings_of_another_database(settings: type[SettingsBase], given: dict[str, list[str]]) -> None:
+    """Whoever set PostgreSQL's DATABASE_SCHEMA for MySQL expects it to act: say it would not."""
+    names = {name.upper() for found in given.values() for name in found}
+    for field in settings.postgresql_only:
+        if env_var(field).upper() in names:
+            raise SettingsError(
+                f"database settings: {env_var(field)} is PostgreSQL's and would have no effect here: unset it"
+            )
+
+
+def refuse_names_in_two_cases(settings: type[BaseSettings], given: dict[str, list[str]]) -> None:
+    """Names are read in any case: two that differ only in case (DATABASE_URL and database_url)
+    would leave it to chance which one counts; in .env, so would one name set twice."""
+    names = {env_var(field).lower() for field in settings.model_fields}
+    for place, found in given.items():
         for name in names:
             spellings = sorted(entry for entry in found if entry.lower() == name)
             if len(spellings) > 1:
